@@ -1,0 +1,154 @@
+"""`grove`: validate and run Olive configs, generate from the results, lay out projects, build tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tasks.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.quiet import quiet_libraries
+
+    quiet_libraries()
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        for line in exc.line().splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="grove", description=__doc__)
+    commands = root.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    for name, handler, help in (
+        ("validate", cmd_validate, "check a config (and its model and data) without running anything"),
+        ("run", cmd_run, "run the config's passes as a Prefect flow, reusing cached steps"),
+    ):
+        sub = command(name, handler, help)
+        sub.add_argument("--config", required=True, type=Path, help="an Olive run config, JSON or YAML")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a key of the normalised config, e.g. passes.lora.training_args.max_steps=5",
+        )
+    commands.choices["validate"].add_argument("--print", action="store_true", help="print the normalised config")
+
+    sub = command("infer", cmd_infer, "generate from an ONNX model, a merged model, or an adapter folder")
+    sub.add_argument("model", type=Path, help="onnx/<precision>-<ep>/, merged/ or adapter/ of an output folder")
+    prompts = sub.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts-file", type=Path, help="one prompt per line, plain or a JSON string")
+    sub.add_argument("--max-new-tokens", type=int, default=32)
+    sub.add_argument("--base", help="base model of an adapter, if its adapter_config.json names none")
+
+    sub = command("init", cmd_init, "lay out a project like Olive's E2E sample, with a config in it")
+    sub.add_argument("dir", type=Path)
+
+    sub = command("tiny-model", cmd_tiny_model, "build a tiny random model with a tokenizer trained on the spot")
+    sub.add_argument("dir", type=Path)
+    sub.add_argument("--arch", choices=["phi3", "llama"], default="phi3")
+    sub.add_argument(
+        "--corpus",
+        type=Path,
+        action="append",
+        default=[],
+        help="text or JSON Lines files to train the tokenizer on (default: the tone dataset)",
+    )
+    return root
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from flows.config import load_run_config
+    from flows.preflight import check_before_work
+
+    cfg, notes = load_run_config(args.config, args.overrides)
+    check_before_work(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    if args.print:
+        print(json.dumps(cfg.model_dump(mode="json", exclude_none=True), indent=2))
+    print(f"{args.config}: valid ({', '.join(f'{n} ({s.type})' for n, s in cfg.passes.items())})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import load_run_config
+    from flows.finetune import finetune
+    from flows.preflight import check_before_work
+
+    cfg, _ = load_run_config(args.config, args.overrides)
+    check_before_work(cfg)  # a bad config fails here, before Prefect or any step starts
+    state = finetune(config=str(args.config.resolve()), overrides=args.overrides, return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, UserError):
+            raise error
+        print(f"run failed: {state.message}", file=sys.stderr)
+        return 1
+    report = state.result()
+    cached = report["cached_steps"]
+    print(f"done in {report['total_seconds']} s; {len(cached)} of {len(report['steps'])} steps from cache")
+    for name, path in report["outputs"].items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from tasks.inference import generate
+
+    if args.prompts_file:
+        if not args.prompts_file.is_file():
+            raise UserError(str(args.prompts_file), "no such file")
+        prompts = [_prompt(line) for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt]
+    for prompt, text in zip(prompts, generate(args.model, prompts, args.max_new_tokens, args.base)):
+        print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
+    return 0
+
+
+def _prompt(line: str) -> str:
+    """A prompt line is plain text, or a JSON string when it needs newlines ("### Text: ...\\n")."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    return value if isinstance(value, str) else line
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from flows.project import init_project
+
+    for path in init_project(args.dir):
+        print(path)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from flows.project import corpus_lines
+    from tasks.tiny_model import build_tiny_model
+
+    out = build_tiny_model(args.dir, args.arch, corpus_lines(args.corpus))
+    print(f"tiny {args.arch} model in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""RunConfig: an Olive run config, loaded from JSON or YAML, normalised, validated and resolved."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flows.olive_compat import Normalised, normalise
+from tasks.adapters import LoRASettings, QLoRASettings
+from tasks.data import AzureMLDatastore, DataConfig
+from tasks.errors import UserError, UserErrors, nearest
+from tasks.merge import MergeSettings
+from tasks.models import ModelSource
+from tasks.onnx_build import ModelBuilderSettings
+
+PassSettings = Annotated[
+    LoRASettings | QLoRASettings | MergeSettings | ModelBuilderSettings, Field(discriminator="type")
+]
+TRAINING_PASSES = (LoRASettings, QLoRASettings)
+# Keys Olive knows that change nothing here; accepted, and named once in the log.
+NO_EFFECT = {
+    "engine.search_strategy", "engine.evaluate_input_model", "engine.clean_cache", "engine.clean_evaluation_cache",
+    "engine.packaging_config", "engine.output_name", "engine.plot_pareto_frontier", "engine.no_artifacts",
+    "engine.evaluator", "engine.ort_log_severity_level", "input_model.task", "input_model.model_file_format",
+    "azureml_client.keyvault_name",
+}  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoadKwargs(_Strict):
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+    torch_dtype: str | None = None
+
+
+class RegistryModel(_Strict):
+    """An Azure ML registry model (`azureml_registry_model`)."""
+
+    type: Literal["azureml_registry_model"]
+    name: str
+    registry_name: str
+    version: str | int
+
+
+class InputModel(_Strict):
+    type: Literal["HfModel"] = "HfModel"
+    model_path: str | dict[str, Any] = Field(description="a local model folder, a hub id, or a registry model")
+    task: str = "text-generation"
+    load_kwargs: LoadKwargs = Field(default_factory=LoadKwargs)
+    adapter_path: str | None = Field(None, description="a trained PEFT adapter to merge or build from")
+    model_file_format: str | None = None
+
+    @model_validator(mode="after")
+    def _registry(self) -> InputModel:
+        if isinstance(self.model_path, dict):
+            try:
+                RegistryModel.model_validate(self.model_path)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                key = ".".join(str(p) for p in first["loc"])
+                raise UserError(
+                    f"model_path.{key}",
+                    first["msg"],
+                    "a registry model needs type, name, registry_name and version",
+                ) from None
+        return self
+
+    def source(self) -> ModelSource:
+        assert isinstance(self.model_path, str)
+        return ModelSource(
+            name=self.model_path,
+            revision=self.load_kwargs.revision,
+            trust_remote_code=self.load_kwargs.trust_remote_code,
+        )
+
+
+class Accelerator(_Strict):
+    device: Literal["cpu", "gpu", "npu"] = "cpu"
+    execution_providers: list[str] | None = None
+
+
+class SystemConfig(_Strict):
+    """An Olive system; here it names the Prefect work pool that runs the flow."""
+
+    type: Literal["LocalSystem", "AzureML", "Docker", "PythonEnvironment", "IsolatedORT"]
+    accelerators: list[Accelerator | Literal["cpu", "gpu", "npu"]] = Field(default_factory=list)
+    work_pool: str | None = Field(None, description="the Prefect work pool; default: by system type")
+    aml_compute: str | None = None
+    aml_docker_config: dict[str, Any] | None = None
+    aml_environment_config: dict[str, Any] | None = None
+    hf_token: bool = False
+    is_dev: bool = False
+    instance_count: int | None = None
+    image_name: str | None = None
+    local_docker_config: dict[str, Any] | None = None
+    python_environment_path: str | None = None
+
+
+class AzureMLClient(_Strict):
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    workspace_name: str | None = None
+    keyvault_name: str | None = None
+    aml_config_path: str | None = None
+    read_timeout: int | None = None
+    max_operation_retries: int | None = None
+    operation_retry_interval: int | None = None
+    default_auth_params: dict[str, Any] | None = None
+
+
+class EngineConfig(_Strict):
+    host: str | None = Field(None, description="the systems entry the flow runs on")
+    target: str | None = Field(None, description="the systems entry the model is built for")
+    cache_dir: str = Field(".olive-cache", description="where step results are kept")
+    output_dir: str = Field("outputs", description="where finished outputs are published")
+    execution_providers: list[str] | None = None
+    log_severity_level: int = Field(1, ge=0, le=4, description="0 verbose … 4 fatal, as in Olive")
+    search_strategy: Any = None
+    evaluate_input_model: bool | None = None
+    clean_cache: bool | None = None
+    clean_evaluation_cache: bool | None = None
+    packaging_config: Any = None
+    output_name: str | None = None
+    plot_pareto_frontier: bool | None = None
+    no_artifacts: bool | None = None
+    evaluator: Any = None
+    ort_log_severity_level: int | None = None
+
+
+class RunConfig(_Strict):
+    """One fine-tuning run: the base model, data, passes in order, and where things go."""
+
+    input_model: InputModel
+    data_configs: list[DataConfig] = Field(default_factory=list)
+    passes: dict[str, PassSettings]
+    systems: dict[str, SystemConfig] = Field(default_factory=dict)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    azureml_client: AzureMLClient | None = None
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> RunConfig:
+        names = [d.name for d in self.data_configs]
+        for name, settings in self.passes.items():
+            if isinstance(settings, TRAINING_PASSES):
+                for key in ("train_data_config", "eval_data_config"):
+                    ref = getattr(settings, key)
+                    if ref is not None and ref not in names:
+                        raise UserError(f"passes.{name}.{key}", f"no data config named '{ref}'", nearest(ref, names))
+        for key in ("host", "target"):
+            ref = getattr(self.engine, key)
+            if ref is not None and ref not in self.systems:
+                raise UserError(f"engine.{key}", f"no systems entry named '{ref}'", nearest(ref, self.systems))
+        check_pass_order(self)
+        return self
+
+    def data_config(self, name: str) -> tuple[DataConfig, str]:
+        index = [d.name for d in self.data_configs].index(name)
+        return self.data_configs[index], f"data_configs[{index}]"
+
+
+def check_pass_order(cfg: RunConfig) -> None:
+    """Each pass must be able to take what the one before it leaves."""
+    adapter_pending = cfg.input_model.adapter_path is not None
+    built = False
+    for name, settings in cfg.passes.items():
+        where = f"passes.{name}"
+        if built:
+            raise UserError(where, "nothing can follow ModelBuilder", "put ModelBuilder last")
+        if isinstance(settings, TRAINING_PASSES):
+            if adapter_pending:
+                raise UserError(where, "an adapter is already waiting to be merged", "add MergeAdapterWeights first")
+            adapter_pending = True
+        elif isinstance(settings, MergeSettings):
+            if not adapter_pending:
+                raise UserError(
+                    where,
+                    "there is no adapter to merge",
+                    "put a LoRA/QLoRA pass before it or set input_model.adapter_path",
+                )
+            adapter_pending = False
+        elif isinstance(settings, ModelBuilderSettings):
+            if adapter_pending:
+                raise UserError(where, "ModelBuilder needs a merged model", "add MergeAdapterWeights before it")
+            built = True
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(str(path), "no such config file")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(str(path), f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(str(path), "the config must be a mapping at the top level")
+    return raw
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
+    """`a.b.c=value` sets a key of the normalised config; the value is read as YAML (5, true, [a, b])."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item}", "expected KEY=VALUE", "for example passes.lora.training_args.max_steps=5")
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}", f"'{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """Read, normalise, override, validate and resolve paths; returns the config and notes for the log."""
+    path = Path(path)
+    normalised = normalise(read_config_file(path))
+    apply_overrides(normalised.config, overrides or [])
+    try:
+        cfg = RunConfig.model_validate(normalised.config)
+    except ValidationError as exc:
+        raise UserErrors(_user_errors(exc, normalised)) from None
+    resolve_paths(cfg, path.resolve().parent)
+    return cfg, normalised.notes + no_effect_notes(normalised.config)
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Relative paths are read from the config file's folder, so a run works from any directory."""
+
+    def local(value: str) -> str:
+        return value if "://" in value or Path(value).is_absolute() else str((base / value).resolve())
+
+    for data in cfg.data_configs:
+        files = data.load_dataset_config.data_files
+        if isinstance(files, AzureMLDatastore):
+            continue
+        if isinstance(files, str):
+            data.load_dataset_config.data_files = local(files)
+        elif isinstance(files, list):
+            data.load_dataset_config.data_files = [local(f) for f in files]
+        elif isinstance(files, dict):
+            data.load_dataset_config.data_files = {
+                k: local(v) if isinstance(v, str) else [local(f) for f in v] for k, v in files.items()
+            }
+    model_path = cfg.input_model.model_path
+    if isinstance(model_path, str) and (base / model_path).is_dir():
+        cfg.input_model.model_path = local(model_path)
+    if cfg.input_model.adapter_path:
+        cfg.input_model.adapter_path = local(cfg.input_model.adapter_path)
+    cfg.engine.cache_dir = local(cfg.engine.cache_dir)
+    cfg.engine.output_dir = local(cfg.engine.output_dir)
+
+
+def no_effect_notes(raw: dict[str, Any]) -> list[str]:
+    notes = []
+    for key in sorted(NO_EFFECT):
+        section, _, leaf = key.partition(".")
+        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+            notes.append(f"{key} has no effect in olive-grove")
+    return notes
+
+
+def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:
+    errors, seen = [], set()
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not _is_tag(p)]
+        path = normalised.user_path(_dotted(loc))
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, UserError):
+            error = UserError(f"{path}.{cause.where}" if path else cause.where, cause.problem, cause.hint)
+            error.where = normalised.user_path(error.where)
+        elif err["type"] == "extra_forbidden":
+            error = UserError(path, "unknown key", nearest(str(loc[-1]), allowed_keys(err["loc"][:-1])))
+        elif err["type"] == "union_tag_invalid":
+            tags = err["ctx"]["expected_tags"].replace("'", "")
+            error = UserError(f"{path}.type", f"unknown pass type {err['ctx']['tag']!r}", f"supported: {tags}")
+        elif err["type"] == "missing":
+            error = UserError(path, "is required")
+        else:
+            error = UserError(path, f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})")
+        if error.where not in seen:  # a union reports each member's failure; the first is enough
+            seen.add(error.where)
+            errors.append(error)
+    return errors
+
+
+# Parts of a pydantic error location that name a union member rather than a key.
+_UNION_TAGS = {
+    "LoRA",
+    "QLoRA",
+    "MergeAdapterWeights",
+    "ModelBuilder",
+    "Accelerator",
+    "AzureMLDatastore",
+    "str",
+    "int",
+    "float",
+    "bool",
+}
+
+
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("literal"))
+
+
+def _dotted(loc: list[Any]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys valid at a location of the normalised config, for 'did you mean'."""
+    node: Any = RunConfig
+    tags = {
+        "LoRA": LoRASettings,
+        "QLoRA": QLoRASettings,
+        "MergeAdapterWeights": MergeSettings,
+        "ModelBuilder": ModelBuilderSettings,
+    }
+    for part in loc:
+        if isinstance(part, str) and part in tags:
+            node = tags[part]
+            continue
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            node = node.model_fields[part].annotation if part in node.model_fields else None
+        elif typing.get_origin(node) in (dict, list):
+            node = typing.get_args(node)[-1]
+        if node is None:
+            return []
+    node = _unwrap(node)
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return []
+    keys = list(node.model_fields)
+    for info in node.model_fields.values():
+        if isinstance(info.validation_alias, AliasChoices):
+            keys += [c for c in info.validation_alias.choices if isinstance(c, str)]
+    return sorted(set(keys))
+
+
+def _unwrap(node: Any) -> Any:
+    while typing.get_origin(node) in (Union, Annotated) or type(node).__name__ == "UnionType":
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = models[0] if models else args[0]
+    return node

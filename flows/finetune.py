@@ -1,0 +1,126 @@
+"""The `finetune` flow: the only place that knows the order of steps. It walks the config's passes in order."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from prefect.states import State
+
+from flows.config import RunConfig, load_run_config
+from flows.preflight import check_before_work, execution_provider
+from flows.report import publish_outputs, write_report
+from tasks import steps
+from tasks.adapters import LoRASettings
+from tasks.artifact import Artifact, hash_files
+from tasks.caching import StepContext
+from tasks.data import fingerprint_data
+from tasks.merge import MergeSettings
+from tasks.onnx_build import ModelBuilderSettings
+
+
+def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
+    """Run a task, note whether it came from the cache, and return its Artifact."""
+    started = time.perf_counter()
+    state: State = task(**kwargs, return_state=True)
+    artifact: Artifact = state.result()
+    record.append(
+        {
+            "step": label,
+            "task": task.name,
+            "cached": state.name == "Cached",
+            "seconds": round(time.perf_counter() - started, 2),
+            "path": artifact.path,
+            "metadata": artifact.metadata,
+        }
+    )
+    if state.name == "Cached":
+        get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
+    return artifact
+
+
+def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[dict[str, Any]]]:
+    """Call one task per pass, in the config's order; returns the final outputs and a record per step."""
+    record: list[dict[str, Any]] = []
+    source = cfg.input_model.source()
+    trust = source.trust_remote_code
+    model = _run(steps.fingerprint_base_model, record, "input_model", source=source, ctx=ctx)
+    outputs: dict[str, Artifact] = {}
+    adapter = None
+    if cfg.input_model.adapter_path:
+        adapter = Artifact(
+            kind="adapter",
+            path=cfg.input_model.adapter_path,
+            fingerprint=hash_files(Path(cfg.input_model.adapter_path)),
+        )
+    for name, settings in cfg.passes.items():
+        if isinstance(settings, LoRASettings):
+            data_config, where = cfg.data_config(settings.train_data_config)
+            dataset = _run(
+                steps.prepare_dataset_task,
+                record,
+                f"{name}/dataset",
+                config=data_config,
+                where=where,
+                model=model,
+                eval_dataset_size=settings.eval_dataset_size,
+                seed=settings.seed,
+                data_fingerprint=fingerprint_data(data_config),
+                ctx=ctx,
+            )
+            adapter = _run(
+                steps.train_adapter_task,
+                record,
+                name,
+                settings=settings,
+                model=model,
+                dataset=dataset,
+                trust_remote_code=trust,
+                ctx=ctx,
+            )
+            outputs["adapter"] = adapter
+        elif isinstance(settings, MergeSettings):
+            model = _run(
+                steps.merge_adapter_task,
+                record,
+                name,
+                settings=settings,
+                model=model,
+                adapter=adapter,
+                trust_remote_code=trust,
+                ctx=ctx,
+            )
+            outputs["merged"], adapter = model, None
+        elif isinstance(settings, ModelBuilderSettings):
+            provider = execution_provider(cfg, settings)
+            onnx = _run(
+                steps.build_onnx_model_task,
+                record,
+                name,
+                settings=settings,
+                model=model,
+                execution_provider=provider,
+                ctx=ctx,
+            )
+            outputs[f"onnx/{settings.precision}-{provider}"] = onnx
+    return outputs, record
+
+
+@flow(name="finetune")
+def finetune(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune as the Olive config says: data, adapter, merge, ONNX; every step cached by content."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    cfg, notes = load_run_config(config, overrides or [])
+    for note in notes:
+        logger.info(note)
+    check_before_work(cfg)
+    outputs, record = run_passes(cfg, StepContext(cache_dir=cfg.engine.cache_dir))
+    output_dir = Path(cfg.engine.output_dir)
+    published = publish_outputs(outputs, output_dir)
+    report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
+    logger.info("outputs in %s", output_dir)
+    return report

@@ -1,0 +1,138 @@
+"""The one place that translates Olive's config forms (the guide's nested one, the current flat one) into ours.
+
+Ours is Olive's flat form with the engine settings under `engine`. `Normalised.origins` maps our paths
+back to where the user wrote them, so errors name the user's own JSON path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_KEYS = {
+    "host", "target", "cache_dir", "output_dir", "execution_providers", "log_severity_level",
+    "search_strategy", "evaluate_input_model", "clean_cache", "clean_evaluation_cache", "packaging_config",
+    "output_name", "plot_pareto_frontier", "no_artifacts", "evaluator", "ort_log_severity_level",
+}  # fmt: skip
+QLORA_ONLY_KEYS = ("double_quant", "quant_type", "compute_dtype")
+LEGACY_TRAINING_ARGS = {
+    "evaluation_strategy": "eval_strategy",
+    "no_cuda": "use_cpu",
+    "warmup_ratio": "warmup_steps",
+}
+
+
+@dataclass
+class Normalised:
+    config: dict[str, Any]
+    origins: dict[str, str] = field(default_factory=dict)  # our path prefix -> the user's path prefix
+    notes: list[str] = field(default_factory=list)  # what was translated, for the log
+
+    def user_path(self, path: str) -> str:
+        for ours in sorted(self.origins, key=len, reverse=True):
+            if path == ours or path.startswith(ours + ".") or path.startswith(ours + "["):
+                return self.origins[ours] + path[len(ours) :]
+        return path
+
+
+def normalise(raw: dict[str, Any]) -> Normalised:
+    out = Normalised(copy.deepcopy(raw))
+    cfg = out.config
+    _lift_engine(cfg, out)
+    if isinstance(cfg.get("input_model"), dict):
+        _input_model(cfg["input_model"], out)
+    for name, system in (cfg.get("systems") or {}).items():
+        _unwrap_config(system, f"systems.{name}", out)
+    for i, data in enumerate(cfg.get("data_configs") or []):
+        if isinstance(data, dict):
+            for section in ("load_dataset_config", "pre_process_data_config"):
+                _unwrap_params(data, section, f"data_configs[{i}].{section}", out)
+            files = (data.get("load_dataset_config") or {}).get("data_files")
+            if isinstance(files, dict) and "type" in files:
+                _unwrap_config(files, f"data_configs[{i}].load_dataset_config.data_files", out)
+    for name, pass_cfg in (cfg.get("passes") or {}).items():
+        if isinstance(pass_cfg, dict):
+            _unwrap_config(pass_cfg, f"passes.{name}", out)
+            _training_args(pass_cfg, f"passes.{name}", out)
+            _quant_keys_on_lora(pass_cfg, f"passes.{name}", out)
+    return out
+
+
+def _quant_keys_on_lora(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None:
+    """The guide sets QLoRA's `double_quant` on a LoRA pass too; Olive ignored it there, and so do we."""
+    if pass_cfg.get("type") != "LoRA":
+        return
+    for key in QLORA_ONLY_KEYS:
+        if key in pass_cfg:
+            pass_cfg.pop(key)
+            out.notes.append(f"{path}.{key} has no effect on a LoRA pass (it is a QLoRA setting)")
+
+
+def _lift_engine(cfg: dict[str, Any], out: Normalised) -> None:
+    engine = cfg.setdefault("engine", {})
+    for key in sorted(ENGINE_KEYS & cfg.keys()):
+        engine[key] = cfg.pop(key)
+        out.origins[f"engine.{key}"] = key
+
+
+def _unwrap_config(section: dict[str, Any], path: str, out: Normalised) -> None:
+    """`{"type": T, "config": {...}}` (nested form) becomes `{"type": T, ...}`."""
+    inner = section.get("config")
+    if isinstance(inner, dict) and set(section) <= {"type", "config"}:
+        section.pop("config")
+        section.update(inner)
+        for key in inner:
+            out.origins[f"{path}.{key}"] = f"{path}.config.{key}"
+
+
+def _unwrap_params(data: dict[str, Any], section: str, path: str, out: Normalised) -> None:
+    value = data.get(section)
+    if isinstance(value, dict) and isinstance(value.get("params"), dict) and set(value) == {"params"}:
+        data[section] = value["params"]
+        out.origins[path] = f"{path}.params"
+
+
+def _input_model(model: dict[str, Any], out: Normalised) -> None:
+    _unwrap_config(model, "input_model", out)
+    if isinstance(model.get("model_path"), dict):
+        _unwrap_config(model["model_path"], "input_model.model_path", out)
+    hf_config = model.pop("hf_config", None)
+    if not isinstance(hf_config, dict):
+        if hf_config is not None:
+            model["hf_config"] = hf_config  # let validation report the wrong type
+        return
+    origin = out.origins.get("input_model.hf_config", "input_model.hf_config")
+    if "model_name" in hf_config:
+        name = hf_config.pop("model_name")
+        if "model_path" in model:
+            out.notes.append(f"{origin}.model_name is the hub id of input_model.model_path; the path is used")
+        else:
+            model["model_path"] = name
+            out.origins["input_model.model_path"] = f"{origin}.model_name"
+    if "task" in hf_config:
+        model.setdefault("task", hf_config.pop("task"))
+    for key in ("from_pretrained_args", "model_loading_args"):
+        if isinstance(hf_config.get(key), dict):
+            model.setdefault("load_kwargs", {}).update(hf_config.pop(key))
+            out.origins["input_model.load_kwargs"] = f"{origin}.{key}"
+    for key, value in hf_config.items():  # anything left is reported by validation, at its own path
+        model[f"hf_config.{key}"] = value
+        out.origins[f"input_model.hf_config.{key}"] = f"{origin}.{key}"
+    if model.get("type") == "PyTorchModel":
+        model["type"] = "HfModel"
+        out.notes.append("input_model.type PyTorchModel with hf_config is read as HfModel")
+
+
+def _training_args(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None:
+    args = pass_cfg.get("training_args")
+    if not isinstance(args, dict):
+        return
+    for old, new in LEGACY_TRAINING_ARGS.items():
+        if old in args:
+            args[new] = args.pop(old)
+            out.notes.append(f"{path}.training_args.{old} is read as {new}")
+    if "group_by_length" in args:  # transformers 5 replaced the flag with a sampling strategy
+        if args.pop("group_by_length"):
+            args["train_sampling_strategy"] = "group_by_length"
+        out.notes.append(f"{path}.training_args.group_by_length is read as train_sampling_strategy")

@@ -1,0 +1,90 @@
+"""The run's outputs in `engine.output_dir` and its report: report.json, report.md, a Prefect artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flows.config import RunConfig
+from tasks.artifact import Artifact
+from tasks.caching import publish_copy
+
+
+def publish_outputs(outputs: dict[str, Artifact], output_dir: Path) -> dict[str, str]:
+    """Copy each finished output from the cache to its place in the output folder, whole or not at all."""
+    published = {}
+    for name, artifact in outputs.items():
+        target = output_dir / name
+        publish_copy(Path(artifact.path), target)
+        published[name] = str(target)
+    return published
+
+
+def write_report(
+    cfg: RunConfig, record: list[dict[str, Any]], published: dict[str, str], output_dir: Path, seconds: float
+) -> dict[str, Any]:
+    report = {
+        "input_model": cfg.input_model.model_path,
+        "passes": [f"{name} ({s.type})" for name, s in cfg.passes.items()],
+        "steps": record,
+        "outputs": published,
+        "cached_steps": [s["step"] for s in record if s.get("cached")],
+        "total_seconds": round(seconds, 2),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / "report.json", json.dumps(report, indent=2, default=str))
+    markdown = render_markdown(report)
+    _write_atomic(output_dir / "report.md", markdown)
+    _prefect_artifact(markdown)
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# olive-grove run report", "", f"Base model: `{report['input_model']}`", ""]
+    lines += ["| step | task | from cache | seconds | details |", "|---|---|---|---|---|"]
+    for step in report["steps"]:
+        details = _details(step["metadata"])
+        cached = "yes" if step["cached"] else "no"
+        lines.append(f"| {step['step']} | {step['task']} | {cached} | {step['seconds']} | {details} |")
+    curve = next((s["metadata"].get("loss_curve") for s in report["steps"] if s["metadata"].get("loss_curve")), None)
+    if curve:
+        lines += ["", "## Training loss", "", "| step | loss |", "|---|---|"]
+        lines += [f"| {p['step']} | {p['loss']:.4f} |" for p in curve]
+    lines += ["", "## Outputs", ""]
+    lines += [f"- `{name}`: {path}" for name, path in report["outputs"].items()]
+    lines += ["", f"Total: {report['total_seconds']} s", ""]
+    return "\n".join(lines)
+
+
+def _details(metadata: dict[str, Any]) -> str:
+    keys = (
+        "rows",
+        "samples",
+        "tokens",
+        "train_loss",
+        "eval_loss",
+        "steps",
+        "dtype",
+        "precision",
+        "execution_provider",
+        "size_bytes",
+    )
+    parts = []
+    for key in keys:
+        if key in metadata:
+            value = metadata[key]
+            parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _prefect_artifact(markdown: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key="finetune-report", description="olive-grove run report")

@@ -1,0 +1,1 @@
+"""How each step of the fine-tuning pipeline is done: plain functions plus thin Prefect task wrappers."""

@@ -1,0 +1,232 @@
+"""Adapter step: train a LoRA or QLoRA adapter with the Hugging Face Trainer and save it in PEFT format."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from tasks.errors import UserError, nearest
+from tasks.models import has_cuda, load_causal_lm, load_tokenizer
+
+# Set by the training step itself, so a config may not set them.
+OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
+DTYPES = Literal["bfloat16", "float16", "float32"]
+
+
+@functools.cache
+def training_arg_names() -> frozenset[str]:
+    from transformers.training_args import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+class LoRASettings(BaseModel):
+    """The LoRA pass (Olive's `LoRA`): the adapter's shape and the Trainer's arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["LoRA"] = "LoRA"
+    train_data_config: str = Field(description="name of the data config to train on")
+    eval_data_config: str | None = Field(None, description="name of a data config to evaluate on")
+    eval_dataset_size: float | None = Field(
+        None, gt=0, description="hold out this fraction (<1) or count (>=1) of the training samples"
+    )
+    target_modules: list[str] | None = Field(None, description="layer names to adapt; None: peft's default")
+    r: int = Field(64, gt=0, validation_alias=AliasChoices("r", "lora_r"), description="LoRA rank")
+    alpha: float = Field(
+        16, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"), description="scale = alpha / r"
+    )
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    modules_to_save: list[str] | None = None
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (peft's DoRA)")
+    torch_dtype: DTYPES = Field("bfloat16", description="dtype of the frozen base weights")
+    training_args: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments")
+
+    @field_validator("training_args")
+    @classmethod
+    def _known_training_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        names = training_arg_names()
+        for key in args:
+            if key in OWNED_TRAINING_ARGS:
+                raise UserError(f"training_args.{key}", "is set by olive-grove", "outputs go to engine.output_dir")
+            if key not in names:
+                raise UserError(f"training_args.{key}", "is not a TrainingArguments field", nearest(key, names))
+        return args
+
+    @property
+    def seed(self) -> int:
+        return int(self.training_args.get("data_seed", self.training_args.get("seed", 42)))
+
+
+class QLoRASettings(LoRASettings):
+    """The QLoRA pass: LoRA on a bitsandbytes 4-bit base."""
+
+    type: Literal["QLoRA"] = "QLoRA"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: DTYPES = "bfloat16"
+
+
+def lora_config(settings: LoRASettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        modules_to_save=settings.modules_to_save,
+        use_dora=settings.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_target_modules(settings: LoRASettings, linear_names: set[str]) -> None:
+    for name in settings.target_modules or []:
+        if name not in linear_names:
+            raise UserError(
+                f"target_modules.{name}", "is not a linear layer of this model", nearest(name, linear_names)
+            )
+
+
+def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote_code: bool):
+    """The frozen base: full precision weights for LoRA, bitsandbytes 4-bit for QLoRA."""
+    if not isinstance(settings, QLoRASettings):
+        return load_causal_lm(model_path, settings.torch_dtype, trust_remote_code)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from tasks.models import torch_dtype
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quant_type,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+    )
+    device_map = {"": 0} if has_cuda() else {"": "cpu"}
+    model = load_causal_lm(
+        model_path,
+        settings.compute_dtype,
+        trust_remote_code,
+        quantization_config=quant,
+        device_map=device_map,
+    )
+    gradient_checkpointing = bool(settings.training_args.get("gradient_checkpointing", False))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def pad_collator(pad_id: int, with_mask: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Pad a batch to its longest sample; padded labels are ignored by the loss."""
+    import torch
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(s["input_ids"]) for s in batch)
+        padded = longest != min(len(s["input_ids"]) for s in batch)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([list(s[key]) + [value] * (longest - len(s[key])) for s in batch])
+
+        out = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", -100)}
+        if with_mask or padded:
+            if "attention_mask" in batch[0]:
+                out["attention_mask"] = pad("attention_mask", 0)
+            else:
+                out["attention_mask"] = torch.tensor(
+                    [[1] * len(s["input_ids"]) + [0] * (longest - len(s["input_ids"])) for s in batch]
+                )
+        return out
+
+    return collate
+
+
+def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    args = {
+        "save_strategy": "steps",
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "logging_steps": 10,
+        **settings.training_args,
+        "output_dir": str(checkpoint_dir),
+        "report_to": "none",
+        "remove_unused_columns": False,
+    }
+    if not has_eval:
+        args["eval_strategy"] = "no"
+    if not has_cuda():
+        args["use_cpu"] = True
+        args.pop("bf16", None), args.pop("fp16", None)
+    return TrainingArguments(**args)
+
+
+def train_adapter(
+    settings: LoRASettings,
+    model_path: str,
+    dataset_dir: Path,
+    checkpoint_dir: Path,
+    out_dir: Path,
+    trust_remote_code: bool = False,
+    on_progress: Callable[[int, int, float | None], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train, resuming from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
+    import datasets
+    from peft import get_peft_model
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    train_set = datasets.load_from_disk(str(dataset_dir / "train"))
+    eval_set = datasets.load_from_disk(str(dataset_dir / "eval")) if (dataset_dir / "eval").exists() else None
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    model = get_peft_model(load_base_for_training(settings, model_path, trust_remote_code), lora_config(settings))
+    trainer = Trainer(
+        model=model,
+        args=trainer_arguments(settings, checkpoint_dir, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=pad_collator(tokenizer.pad_token_id, "attention_mask" in train_set.column_names),
+        callbacks=[progress_callback(on_progress)] if on_progress else None,
+    )
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    resume = get_last_checkpoint(str(checkpoint_dir))
+    if resume:
+        log(f"resuming training from {Path(resume).name}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
+    if eval_set is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    metrics["eval_curve"] = [
+        {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
+    ]
+    metrics["resumed_from"] = Path(resume).name if resume else None
+    metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics["train_samples"] = len(train_set)
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def progress_callback(on_progress: Callable[[int, int, float | None], None]):
+    """A Trainer callback that forwards the step count and the latest loss to whoever shows progress."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            on_progress(state.global_step, state.max_steps, self.loss)
+
+    return ProgressCallback()

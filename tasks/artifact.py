@@ -1,0 +1,73 @@
+"""What steps hand each other: where the files are, a content fingerprint, a little metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+ArtifactKind = Literal["model", "adapter", "dataset", "onnx"]
+
+_CHUNK = 1 << 20
+
+
+class Artifact(BaseModel):
+    """A step's output on disk. Models and datasets travel by path, never pickled into a Prefect result."""
+
+    kind: ArtifactKind
+    path: str
+    fingerprint: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def hash_file(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = None) -> str:
+    """Hash the bytes of the files under `root` (or the named ones), keyed by relative name.
+
+    `memo` keeps (size, mtime) → hash for big files, so a 7 GB base model is hashed once, not every run.
+    """
+    paths = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
+    known = _read_memo(memo)
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        stat = path.stat()
+        stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        file_hash = known.get(stamp) or hash_file(path)
+        known[stamp] = file_hash
+        digest.update(f"{path.relative_to(root).as_posix()}={file_hash};".encode())
+    _write_memo(memo, known)
+    return digest.hexdigest()
+
+
+def hash_value(value: Any) -> str:
+    """A stable hash of JSON-able settings."""
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _read_memo(memo: Path | None) -> dict[str, str]:
+    if memo is None or not memo.exists():
+        return {}
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_memo(memo: Path | None, known: dict[str, str]) -> None:
+    if memo is None:
+        return
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".tmp{id(known)}")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(memo)

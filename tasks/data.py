@@ -1,0 +1,291 @@
+"""Dataset step: load rows, fill the text template, tokenize into training samples the way Olive does."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.errors import UserError
+from tasks.models import load_tokenizer
+
+IGNORE_INDEX = -100
+LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AzureMLDatastore(_Strict):
+    """Olive's `azureml_datastore` data file: a path inside an Azure ML workspace's datastore."""
+
+    type: Literal["azureml_datastore"]
+    azureml_client: dict[str, Any] | None = None
+    datastore_name: str
+    relative_path: str
+
+
+class LoadDatasetSettings(_Strict):
+    """Arguments of `datasets.load_dataset`, as Olive's `load_dataset_config` names them."""
+
+    data_name: str = Field(description="a builder ('json', 'csv', 'parquet', 'text') or a hub dataset id")
+    data_files: str | list[str] | dict[str, str | list[str]] | AzureMLDatastore | None = Field(
+        None, description="local paths or fsspec URIs, relative to the config file's folder"
+    )
+    split: str = Field("train", description="the split to train on")
+    subset: str | None = Field(None, description="the hub dataset's configuration name")
+    data_dir: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _typed_files(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "type" in value:
+            return AzureMLDatastore.model_validate(value)
+        return value
+
+
+class TextSettings(_Strict):
+    """How rows become token sequences (Olive's `pre_process_data_config` for text generation)."""
+
+    text_cols: list[str] = Field(default_factory=lambda: ["text"], description="columns the template may use")
+    text_template: str | None = Field(None, description="'{column}' placeholders; plain names only")
+    strategy: Literal["join", "line-by-line"] = Field(
+        "join",
+        validation_alias=AliasChoices("strategy", "corpus_strategy"),
+        description="Olive's corpus strategy",
+    )
+    max_seq_len: int = Field(
+        1024,
+        gt=0,
+        validation_alias=AliasChoices("max_seq_len", "source_max_len"),
+        description="tokens per sample",
+    )
+    pad_to_max_len: bool = Field(True, description="pad line-by-line samples to max_seq_len")
+    use_attention_mask: bool = True
+    add_special_tokens: bool = Field(True, description="wrap each row in the tokenizer's bos/eos tokens")
+    joiner: str = Field("\n\n", description="text between rows in the join strategy")
+    padding_side: Literal["left", "right"] = "right"
+    drop_short_sequences: bool = False
+    max_samples: int | None = Field(None, gt=0)
+    dataset_type: Literal["corpus"] | None = Field(None, description="older Olive key; corpus is the only kind")
+
+    @model_validator(mode="after")
+    def _check(self) -> TextSettings:
+        if isinstance(self.text_cols, str):
+            self.text_cols = [self.text_cols]
+        if self.text_template is not None:
+            for name in template_fields(self.text_template, "text_template"):
+                if name not in self.text_cols:
+                    raise UserError(
+                        "text_template",
+                        f"placeholder '{{{name}}}' is not one of text_cols",
+                        f"text_cols: {', '.join(self.text_cols)}",
+                    )
+        if self.strategy == "line-by-line" and self.pad_to_max_len and not self.use_attention_mask:
+            raise UserError("pad_to_max_len", "padding needs an attention mask", "set use_attention_mask: true")
+        if self.pad_to_max_len and self.drop_short_sequences:
+            raise UserError("drop_short_sequences", "cannot be true together with pad_to_max_len")
+        return self
+
+
+class DataConfig(_Strict):
+    """One entry of Olive's `data_configs`."""
+
+    name: str
+    type: Literal["HuggingfaceContainer"] = "HuggingfaceContainer"
+    load_dataset_config: LoadDatasetSettings
+    pre_process_data_config: TextSettings = Field(default_factory=TextSettings)
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """The placeholder names of a template; anything but a plain `{name}` is rejected."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UserError(
+            where, f"not a valid template: {exc}", "use {column} placeholders and {{ }} for braces"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or spec or conversion or any(c in name for c in ".[]"):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UserError(where, f"placeholder {shown} is not a plain column name", "write {column} only")
+        names.append(name)
+    return names
+
+
+def render_template(template: str, row: dict[str, Any]) -> str:
+    """Fill `{column}` placeholders by substitution, never by `str.format` on user input."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            value = row[name]
+            parts.append("" if value is None else str(value))
+    return "".join(parts)
+
+
+def row_text(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: str | None) -> str:
+    if settings.text_template is not None:
+        text = render_template(settings.text_template, row)
+    else:
+        text = " ".join(str(row[c]) for c in settings.text_cols)
+    if settings.add_special_tokens:
+        # Olive wraps rows at the string level, with spaces, before tokenizing without special tokens.
+        text = f"{bos or ''} {text} {eos or ''}"
+    return text
+
+
+def load_rows(config: DataConfig, where: str):
+    """Load the configured split with `datasets`, turning missing files into a clear error."""
+    import datasets
+
+    load = config.load_dataset_config
+    check_data_files(config, where)
+    try:
+        return datasets.load_dataset(
+            load.data_name,
+            name=load.subset,
+            data_files=load.data_files,
+            data_dir=load.data_dir,
+            split=load.split,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{where}.load_dataset_config", f"could not load the dataset: {exc}") from None
+
+
+def check_data_files(config: DataConfig, where: str) -> None:
+    _check_local_files(config.load_dataset_config.data_files, f"{where}.load_dataset_config.data_files")
+
+
+def _check_local_files(data_files: Any, where: str) -> None:
+    if data_files is None:
+        return
+    if isinstance(data_files, AzureMLDatastore):
+        raise UserError(where, "azureml_datastore data cannot be read yet", "use an az:// URI or a local file")
+    if isinstance(data_files, dict):
+        for split, files in data_files.items():
+            _check_local_files(files, f"{where}.{split}")
+        return
+    for file in [data_files] if isinstance(data_files, str) else data_files:
+        if "://" not in file and not any(c in file for c in "*?[") and not Path(file).exists():
+            raise UserError(where, f"no file at {file}", "give a path relative to the config file, or a URI")
+
+
+def tokenize_rows(texts: list[str], tokenizer, settings: TextSettings) -> dict[str, list[list[int]]]:
+    """Turn texts into samples with Olive's semantics: labels copy input_ids, padding is ignored."""
+    if settings.strategy == "join":
+        samples = _join(texts, tokenizer, settings)
+    else:
+        samples = _line_by_line(texts, tokenizer, settings)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    for ids, mask in samples:
+        out["input_ids"].append(ids)
+        out["labels"].append([t if m == 1 else IGNORE_INDEX for t, m in zip(ids, mask)])
+        out["attention_mask"].append(mask)
+        if settings.max_samples and len(out["input_ids"]) >= settings.max_samples:
+            break
+    if not settings.use_attention_mask:
+        del out["attention_mask"]
+    return out
+
+
+def _join(texts: list[str], tokenizer, settings: TextSettings):
+    joiner = tokenizer.encode(settings.joiner, add_special_tokens=False) if settings.joiner else []
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]:
+        stream += ids + joiner
+    size = settings.max_seq_len
+    # Like Olive: non-overlapping blocks; a stream of exactly n blocks yields n - 1, and the tail is dropped.
+    for begin in range(0, len(stream) - size, size):
+        yield stream[begin : begin + size], [1] * size
+
+
+def _line_by_line(texts: list[str], tokenizer, settings: TextSettings):
+    tokenizer.padding_side = settings.padding_side
+    encoded = tokenizer(
+        texts,
+        max_length=settings.max_seq_len,
+        truncation=True,
+        padding="max_length" if settings.pad_to_max_len else False,
+        add_special_tokens=False,
+    )
+    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"]):
+        if settings.drop_short_sequences and len(ids) < settings.max_seq_len:
+            continue
+        yield list(ids), list(mask)
+
+
+def prepare_dataset(
+    config: DataConfig,
+    where: str,
+    tokenizer_path: str,
+    eval_dataset_size: float | None,
+    seed: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Template and tokenize one data config into `out_dir/train` (and `out_dir/eval`); return counts."""
+    import datasets
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    rows = load_rows(config, where)
+    settings = config.pre_process_data_config
+    missing = [c for c in settings.text_cols if c not in rows.column_names]
+    if missing:
+        raise UserError(
+            f"{where}.pre_process_data_config.text_cols",
+            f"column '{missing[0]}' is not in the dataset",
+            f"columns: {', '.join(rows.column_names)}",
+        )
+    texts = [t for t in (row_text(r, settings, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
+    samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, settings))
+    if len(samples) == 0:
+        total = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        raise UserError(
+            f"{where}.pre_process_data_config.max_seq_len",
+            f"the dataset gives no sample: {len(texts)} rows hold {total} tokens, fewer than one "
+            f"{settings.max_seq_len}-token block plus one",
+            "lower max_seq_len (source_max_len) or use strategy line-by-line",
+        )
+    splits = {"train": samples}
+    if eval_dataset_size:
+        if len(samples) < 2:
+            raise UserError("eval_dataset_size", f"only {len(samples)} sample to split", "add data or drop it")
+        split = samples.train_test_split(test_size=eval_dataset_size, seed=seed, shuffle=True)
+        splits = {"train": split["train"], "eval": split["test"]}
+    for name, part in splits.items():
+        part.save_to_disk(str(out_dir / name))
+    token_count = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in samples["labels"])
+    return {
+        "rows": len(rows),
+        "samples": {name: len(part) for name, part in splits.items()},
+        "tokens": token_count,
+        "strategy": settings.strategy,
+        "max_seq_len": settings.max_seq_len,
+    }
+
+
+def fingerprint_data(config: DataConfig) -> str:
+    """Local files by their bytes; anything else by its name and split (remote files: see blocks/)."""
+    from tasks.artifact import hash_file, hash_value
+
+    load = config.load_dataset_config
+    files = load.data_files
+    if isinstance(files, dict):
+        listed = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+    else:
+        listed = [files] if isinstance(files, str) else list(files or [])
+    local = sorted(f for f in listed if "://" not in f and Path(f).is_file())
+    return hash_value(
+        {
+            "load": load.model_dump(mode="json", exclude={"data_files"}),
+            "files": [hash_file(Path(f)) for f in local],  # by content, so moving the project keeps hits
+            "remote": sorted(set(listed) - set(local)),
+        }
+    )

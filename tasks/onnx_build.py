@@ -1,0 +1,72 @@
+"""ONNX step: convert a Hugging Face model with ONNX Runtime GenAI's ModelBuilder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXECUTION_PROVIDERS = {
+    "CPUExecutionProvider": "cpu",
+    "CUDAExecutionProvider": "cuda",
+    "DmlExecutionProvider": "dml",
+    "WebGpuExecutionProvider": "webgpu",
+}
+
+
+class ModelBuilderSettings(BaseModel):
+    """Olive's `ModelBuilder` pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["ModelBuilder"] = "ModelBuilder"
+    precision: Literal["int4", "int8", "fp16", "bf16", "fp32"] = "int4"
+    execution_provider: Literal["cpu", "cuda", "dml", "webgpu"] | None = Field(
+        None, description="default: from engine.execution_providers or the target system"
+    )
+    int4_block_size: Literal[16, 32, 64, 128, 256] | None = None
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
+    metadata_only: bool = False
+    search: dict[str, Any] | None = Field(None, description="genai_config search options, e.g. max_length")
+    extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is")
+
+
+def builder_options(settings: ModelBuilderSettings) -> list[str]:
+    """ModelBuilder's extra options as the `KEY=VALUE` strings its own parser expects."""
+    options = {
+        "hf_token": "false",
+        **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.extra_options.items()},
+    }
+    if settings.int4_block_size:
+        options["int4_block_size"] = str(settings.int4_block_size)
+    if settings.int4_accuracy_level is not None:
+        options["int4_accuracy_level"] = str(settings.int4_accuracy_level)
+    if settings.metadata_only:
+        options["config_only"] = "true"
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+def build_onnx_model(
+    settings: ModelBuilderSettings, model_path: str, execution_provider: str, out_dir: Path, scratch: Path
+) -> dict[str, Any]:
+    """Run ModelBuilder in-process on a local HF model folder; its chatter goes to scratch/builder.log."""
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    args = (None, model_path, str(out_dir), settings.precision, execution_provider, str(scratch / "hf-cache"))
+    with (scratch / "builder.log").open("w") as log, contextlib.redirect_stdout(log):
+        options = parse_extra_options(*args, builder_options(settings))
+        create_model(*args, **options)
+    if settings.search:
+        _set_search_options(out_dir / "genai_config.json", settings.search)
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    return {"precision": settings.precision, "execution_provider": execution_provider, "size_bytes": size}
+
+
+def _set_search_options(config_path: Path, search: dict[str, Any]) -> None:
+    config = json.loads(config_path.read_text())
+    config.setdefault("search", {}).update(search)
+    config_path.write_text(json.dumps(config, indent=4))

@@ -1,0 +1,145 @@
+"""The Prefect tasks: thin wrappers that add caching, retries, logging and progress to the plain steps."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+
+from tasks import adapters, data, merge, onnx_build
+from tasks.artifact import Artifact
+from tasks.caching import StepContext, step_key
+from tasks.models import ModelSource, resolve_model
+
+# Bump a step's version when its code changes what it produces: old cache entries then miss.
+CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "1", "merge_adapter": "1", "build_onnx_model": "1"}
+
+
+class StepCachePolicy(CachePolicy):
+    """Prefect cache key = our content key, so a hit means same code, settings, inputs and libraries."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters, **kwargs) -> str:
+        name = task_ctx.task.name
+        return step_key(name, CODE_VERSIONS[name], inputs)
+
+
+STEP_CACHE = StepCachePolicy()
+
+
+def _key(name: str, **inputs: Any) -> str:
+    return step_key(name, CODE_VERSIONS[name], inputs)
+
+
+def _timed(artifact_kind: str, path: Path, key: str, started: float, metadata: dict[str, Any]) -> Artifact:
+    metadata = {**metadata, "seconds": round(time.perf_counter() - started, 2)}
+    return Artifact(kind=artifact_kind, path=str(path), fingerprint=key, metadata=metadata)
+
+
+@task(name="fingerprint_base_model")
+def fingerprint_base_model(source: ModelSource, ctx: StepContext) -> Artifact:
+    """Never cached: its whole job is to notice that the base model changed."""
+    return resolve_model(source, memo=Path(ctx.cache_dir) / "file-hashes.json")
+
+
+@task(name="prepare_dataset", cache_policy=STEP_CACHE, persist_result=True)
+def prepare_dataset_task(
+    config: data.DataConfig,
+    where: str,
+    model: Artifact,
+    eval_dataset_size: float | None,
+    seed: int,
+    data_fingerprint: str,
+    ctx: StepContext,
+) -> Artifact:
+    started = time.perf_counter()
+    key = _key(
+        "prepare_dataset",
+        config=config,
+        where=where,
+        model=model,
+        eval_dataset_size=eval_dataset_size,
+        seed=seed,
+        data_fingerprint=data_fingerprint,
+    )
+    folder = ctx.folder("prepare_dataset", key)
+    staged = folder.staging()
+    stats = data.prepare_dataset(config, where, model.path, eval_dataset_size, seed, staged)
+    get_run_logger().info("dataset %s: %d rows -> %s samples", config.name, stats["rows"], stats["samples"])
+    return _timed("dataset", folder.publish(staged), key, started, stats)
+
+
+@task(name="train_adapter", cache_policy=STEP_CACHE, persist_result=True)
+def train_adapter_task(
+    settings: adapters.LoRASettings,
+    model: Artifact,
+    dataset: Artifact,
+    trust_remote_code: bool,
+    ctx: StepContext,
+) -> Artifact:
+    started = time.perf_counter()
+    logger = get_run_logger()
+    key = _key("train_adapter", settings=settings, model=model, dataset=dataset, trust_remote_code=trust_remote_code)
+    folder = ctx.folder("train_adapter", key)
+    progress_id = create_progress_artifact(progress=0.0, description="adapter training: percent of steps")
+
+    def on_progress(step: int, total: int, loss: float | None) -> None:
+        update_progress_artifact(progress_id, progress=100.0 * step / max(total, 1))
+        if loss is not None and step % 10 == 0:
+            logger.info("step %d/%d loss %.4f", step, total, loss)
+
+    staged = folder.staging()
+    metrics = adapters.train_adapter(
+        settings,
+        model.path,
+        Path(dataset.path),
+        folder.work / "checkpoints",
+        staged,
+        trust_remote_code=trust_remote_code,
+        on_progress=on_progress,
+        log=logger.info,
+    )
+    logger.info(
+        "adapter trained: train loss %.4f%s",
+        metrics["train_loss"],
+        f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
+    )
+    metrics["base_model"] = model.path
+    metrics["dtype"] = settings.compute_dtype if isinstance(settings, adapters.QLoRASettings) else settings.torch_dtype
+    return _timed("adapter", folder.publish(staged), key, started, metrics)
+
+
+@task(name="merge_adapter", cache_policy=STEP_CACHE, persist_result=True)
+def merge_adapter_task(
+    settings: merge.MergeSettings,
+    model: Artifact,
+    adapter: Artifact,
+    trust_remote_code: bool,
+    ctx: StepContext,
+) -> Artifact:
+    started = time.perf_counter()
+    key = _key("merge_adapter", settings=settings, model=model, adapter=adapter, trust_remote_code=trust_remote_code)
+    folder = ctx.folder("merge_adapter", key)
+    staged = folder.staging()
+    dtype = settings.torch_dtype or adapter.metadata.get("dtype", "float32")
+    stats = merge.merge_adapter(model.path, adapter.path, dtype, staged, trust_remote_code)
+    get_run_logger().info("merged adapter into %s (%s)", Path(model.path).name, dtype)
+    return _timed("model", folder.publish(staged), key, started, stats)
+
+
+@task(name="build_onnx_model", cache_policy=STEP_CACHE, persist_result=True)
+def build_onnx_model_task(
+    settings: onnx_build.ModelBuilderSettings, model: Artifact, execution_provider: str, ctx: StepContext
+) -> Artifact:
+    started = time.perf_counter()
+    key = _key("build_onnx_model", settings=settings, model=model, execution_provider=execution_provider)
+    folder = ctx.folder("build_onnx_model", key)
+    staged = folder.staging()
+    stats = onnx_build.build_onnx_model(settings, model.path, execution_provider, staged, folder.work)
+    get_run_logger().info("built %s ONNX model for %s", settings.precision, execution_provider)
+    return _timed("onnx", folder.publish(staged), key, started, stats)
