@@ -181,6 +181,7 @@ def train_adapter(
     import datasets
     from peft import get_peft_model
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     train_set = datasets.load_from_disk(str(dataset_dir / "train"))
@@ -193,8 +194,10 @@ def train_adapter(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=pad_collator(tokenizer.pad_token_id, "attention_mask" in train_set.column_names),
-        callbacks=[progress_callback(on_progress)] if on_progress else None,
     )
+    trainer.pop_callback(ProgressCallback)
+    for callback in progress_callbacks(on_progress):
+        trainer.add_callback(callback)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     resume = get_last_checkpoint(str(checkpoint_dir))
     if resume:
@@ -215,11 +218,16 @@ def train_adapter(
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-def progress_callback(on_progress: Callable[[int, int, float | None], None]):
-    """A Trainer callback that forwards the step count and the latest loss to whoever shows progress."""
+def progress_callbacks(on_progress: Callable[[int, int, float | None], None] | None) -> list:
+    """A terminal progress bar without the Trainer's raw log dicts, plus a hook for whoever shows progress."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
 
-    class ProgressCallback(TrainerCallback):
+    class TerminalBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass  # losses reach the run log through on_progress instead
+
+    class ProgressHook(TrainerCallback):
         loss: float | None = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -229,4 +237,4 @@ def progress_callback(on_progress: Callable[[int, int, float | None], None]):
         def on_step_end(self, args, state, control, **kwargs):
             on_progress(state.global_step, state.max_steps, self.loss)
 
-    return ProgressCallback()
+    return [TerminalBar()] + ([ProgressHook()] if on_progress else [])

@@ -52,12 +52,12 @@ def builder_options(settings: ModelBuilderSettings) -> list[str]:
 def build_onnx_model(
     settings: ModelBuilderSettings, model_path: str, execution_provider: str, out_dir: Path, scratch: Path
 ) -> dict[str, Any]:
-    """Run ModelBuilder in-process on a local HF model folder; its chatter goes to scratch/builder.log."""
+    """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     scratch.mkdir(parents=True, exist_ok=True)
     args = (None, model_path, str(out_dir), settings.precision, execution_provider, str(scratch / "hf-cache"))
-    with (scratch / "builder.log").open("w") as log, contextlib.redirect_stdout(log):
+    with (scratch / "builder.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         options = parse_extra_options(*args, builder_options(settings))
         create_model(*args, **options)
     if settings.search:
