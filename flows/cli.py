@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from tasks.errors import UserError
@@ -15,6 +17,9 @@ EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     from flows.quiet import quiet_libraries
 
+    # Without PREFECT_API_URL each run starts Prefect's temporary local server; on a busy 2-core machine
+    # (or with several runs starting together) it needs longer than Prefect's default 20 s to come up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     quiet_libraries()
     args = parser().parse_args(argv)
     try:
@@ -71,7 +76,34 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="text or JSON Lines files to train the tokenizer on (default: the tone dataset)",
     )
+    cache = commands.add_parser("cache", help="list or prune cached step results").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    for name, handler, help in (
+        ("ls", cmd_cache_ls, "list cached step results with their sizes and ages"),
+        ("prune", cmd_cache_prune, "remove cached step results, by age or by the config that made them"),
+    ):
+        sub = cache.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        where = sub.add_mutually_exclusive_group(required=True)
+        where.add_argument("--cache-dir", type=Path, help="the engine.cache_dir folder")
+        where.add_argument("--config", type=Path, help="a config: its engine.cache_dir")
+    prune = cache.choices["prune"]
+    prune.add_argument("--older-than", type=_days, metavar="DAYS", help="entries written more than DAYS ago")
+    prune.add_argument(
+        "--only-config",
+        action="store_true",
+        help="with --config: only the entries its last run used (from its report.json)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     return root
+
+
+def _days(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -108,6 +140,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, path in report["outputs"].items():
         print(f"  {name}: {path}")
     return 0
+
+
+def _cache_entries(args: argparse.Namespace):
+    from tasks.caching import list_cache
+
+    if args.cache_dir:
+        return list_cache(args.cache_dir), None
+    from flows.config import load_run_config
+
+    cfg, _ = load_run_config(args.config)
+    return list_cache(Path(cfg.engine.cache_dir)), cfg
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    entries, _ = _cache_entries(args)
+    now = time.time()
+    for entry in entries:
+        age = (now - entry.modified) / 86400
+        print(f"{entry.step:18} {entry.key:52} {_size(entry.size_bytes):>9} {age:6.1f} days")
+    print(f"{len(entries)} entries, {_size(sum(e.size_bytes for e in entries))}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    from tasks.caching import remove_entry
+
+    entries, cfg = _cache_entries(args)
+    if args.only_config:
+        if cfg is None:
+            raise UserError("--only-config", "needs --config")
+        report = Path(cfg.engine.output_dir) / "report.json"
+        if not report.is_file():
+            raise UserError(str(report), "no report: this config has not run", "run it, or prune by --older-than")
+        used = {Path(s["path"]).name for s in json.loads(report.read_text())["steps"]}
+        entries = [e for e in entries if e.key in used]
+    if args.older_than is not None:
+        entries = [e for e in entries if time.time() - e.modified > args.older_than * 86400]
+    elif not args.only_config:
+        raise UserError("cache prune", "says nothing to prune", "give --older-than DAYS or --config F --only-config")
+    for entry in entries:
+        print(f"{'would remove' if args.dry_run else 'removed'} {entry.step}/{entry.key} ({_size(entry.size_bytes)})")
+        if not args.dry_run:
+            remove_entry(entry)
+    print(f"{len(entries)} entries, {_size(sum(e.size_bytes for e in entries))}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from tasks.onnx_build import ModelBuilderSettings
 def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
     """Run a task, note whether it came from the cache, and return its Artifact."""
     started = time.perf_counter()
-    state: State = task(**kwargs, return_state=True)
+    state: State = steps.with_step_cache(task, kwargs["ctx"])(**kwargs, return_state=True)
     artifact: Artifact = state.result()
     record.append(
         {

@@ -42,7 +42,13 @@ def check_before_work(cfg: RunConfig) -> None:
                 except UserError as exc:
                     raise UserError(f"passes.{name}.{exc.where}", exc.problem, exc.hint) from None
         if isinstance(settings, ModelBuilderSettings):
-            execution_provider(cfg, settings)
+            provider = execution_provider(cfg, settings)
+            if settings.precision == "bf16" and provider == "cpu":
+                raise UserError(
+                    f"passes.{name}.precision",
+                    "bf16 models do not run on the CPU execution provider",
+                    "use int4, int8, fp16 or fp32 for cpu",
+                )
 
 
 def execution_provider(cfg: RunConfig, settings: ModelBuilderSettings) -> str:

@@ -59,6 +59,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _details(metadata: dict[str, Any]) -> str:
     keys = (
+        "quantization",
+        "heldout_loss",
+        "adapter_heldout_loss",
+        "merged_heldout_loss",
         "rows",
         "samples",
         "tokens",

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from tasks.errors import UserError, nearest
+from tasks.evaluate import heldout_loss
 from tasks.models import has_cuda, load_causal_lm, load_tokenizer
 
 # Set by the training step itself, so a config may not set them.
@@ -181,7 +182,7 @@ def train_adapter(
     import datasets
     from peft import get_peft_model
     from transformers import Trainer
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     train_set = datasets.load_from_disk(str(dataset_dir / "train"))
@@ -196,6 +197,7 @@ def train_adapter(
         data_collator=pad_collator(tokenizer.pad_token_id, "attention_mask" in train_set.column_names),
     )
     trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
     for callback in progress_callbacks(on_progress):
         trainer.add_callback(callback)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,9 @@ def train_adapter(
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["heldout_loss"] = heldout_loss(model, dataset_dir, tokenizer.pad_token_id)
+    if isinstance(settings, QLoRASettings):
+        metrics["quantization"] = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]

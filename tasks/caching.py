@@ -6,11 +6,13 @@ import functools
 import importlib.metadata
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel
 
 from tasks.artifact import Artifact, hash_value
@@ -111,3 +113,76 @@ def publish_copy(source: Path, target: Path) -> None:
         os.rename(target, old)
     os.rename(staged, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class LiveHolderLockManager(FileSystemLockManager):
+    """Prefect's file locks, except that a lock whose holder died on this machine is free.
+
+    Prefect's own file locks never expire; after a `kill -9` mid-step the next run would wait forever.
+    Each lock records its holder's host and PID, and a dead PID on this host releases it.
+    """
+
+    def _stamp(self, holder: str) -> str:
+        suffix = f"|{socket.gethostname()}|{os.getpid()}"
+        return holder if holder.endswith(suffix) else holder + suffix
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout=None, hold_timeout=None) -> bool:
+        return super().acquire_lock(key, self._stamp(holder), acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, self._stamp(holder))
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return super().is_lock_holder(key, self._stamp(holder))
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        info = self._get_lock_info(key, use_cache=use_cache)
+        if info is not None and _holder_died(info["holder"]):
+            Path(info["path"]).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache=use_cache)
+
+
+def _holder_died(holder: str) -> bool:
+    _, _, tail = holder.partition("|")
+    host, _, pid = tail.partition("|")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's lock: only its own expiry can free it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One step result in the cache: its folder, its Prefect record, its size and when it was written."""
+
+    step: str
+    key: str
+    folder: Path
+    record: Path
+    size_bytes: int
+    modified: float
+
+
+def list_cache(cache_dir: Path) -> list[CacheEntry]:
+    entries = []
+    for folder in sorted((cache_dir / "steps").glob("*/*")):
+        if not folder.is_dir() or folder.name.startswith(".") or folder.name.endswith(".work"):
+            continue
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        record = cache_dir / "results" / folder.name
+        entries.append(CacheEntry(folder.parent.name, folder.name, folder, record, size, folder.stat().st_mtime))
+    return entries
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """Record first, then files: a half-removed entry is a cache miss, never a hit without files."""
+    entry.record.unlink(missing_ok=True)
+    shutil.rmtree(entry.folder, ignore_errors=True)
+    shutil.rmtree(entry.folder.with_name(entry.folder.name + ".work"), ignore_errors=True)

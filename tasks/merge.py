@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.evaluate import heldout_loss
 from tasks.models import load_causal_lm, load_tokenizer
 
 
@@ -22,17 +23,27 @@ class MergeSettings(BaseModel):
 
 
 def merge_adapter(
-    base_path: str, adapter_path: str, dtype: str, out_dir: Path, trust_remote_code: bool = False
+    base_path: str,
+    adapter_path: str,
+    dtype: str,
+    out_dir: Path,
+    trust_remote_code: bool = False,
+    dataset_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Load the base unquantized in `dtype` (a QLoRA adapter too), merge, and save with the tokenizer."""
+    """Load the base unquantized in `dtype` (a QLoRA adapter too), merge, and save with the tokenizer.
+
+    With the adapter's dataset, also measure the merged model's held-out loss: what merging cost.
+    """
     from peft import PeftModel
 
     base = load_causal_lm(base_path, dtype, trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     merged.save_pretrained(str(out_dir))
-    load_tokenizer(
-        adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path,
-        trust_remote_code,
-    ).save_pretrained(str(out_dir))
+    has_tokenizer = (Path(adapter_path) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(adapter_path if has_tokenizer else base_path, trust_remote_code)
+    tokenizer.save_pretrained(str(out_dir))
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    return {"dtype": dtype, "size_bytes": size, "parameters": sum(p.numel() for p in merged.parameters())}
+    stats = {"dtype": dtype, "size_bytes": size, "parameters": sum(p.numel() for p in merged.parameters())}
+    if dataset_dir is not None:
+        stats["merged_heldout_loss"] = heldout_loss(merged, dataset_dir, tokenizer.pad_token_id)
+    return stats

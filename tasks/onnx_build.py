@@ -40,10 +40,11 @@ def builder_options(settings: ModelBuilderSettings) -> list[str]:
         "hf_token": "false",
         **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.extra_options.items()},
     }
+    # The builder's own names; it silently ignores the int4_-prefixed spellings that Olive's pass uses.
     if settings.int4_block_size:
-        options["int4_block_size"] = str(settings.int4_block_size)
+        options["block_size"] = str(settings.int4_block_size)
     if settings.int4_accuracy_level is not None:
-        options["int4_accuracy_level"] = str(settings.int4_accuracy_level)
+        options["accuracy_level"] = str(settings.int4_accuracy_level)
     if settings.metadata_only:
         options["config_only"] = "true"
     return [f"{k}={v}" for k, v in options.items()]

@@ -6,19 +6,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
+from prefect.transactions import IsolationLevel
 
 from tasks import adapters, data, merge, onnx_build
 from tasks.artifact import Artifact
-from tasks.caching import StepContext, step_key
+from tasks.caching import LiveHolderLockManager, StepContext, step_key
 from tasks.models import ModelSource, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
-CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "1", "merge_adapter": "1", "build_onnx_model": "1"}
+CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "2", "merge_adapter": "2", "build_onnx_model": "1"}
 
 
 class StepCachePolicy(CachePolicy):
@@ -30,6 +31,22 @@ class StepCachePolicy(CachePolicy):
 
 
 STEP_CACHE = StepCachePolicy()
+
+
+def with_step_cache(step: Task, ctx: StepContext) -> Task:
+    """Keep the step's Prefect cache records in the run's cache folder, and compute each key once at a time.
+
+    Two runs that need the same step wait for each other (a file lock per cache key) and the second
+    reuses the first's result.
+    """
+    if step.cache_policy is not STEP_CACHE:
+        return step
+    cache = Path(ctx.cache_dir)
+    policy = STEP_CACHE.configure(
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=LiveHolderLockManager(lock_files_directory=cache / "locks"),
+    )
+    return step.with_options(cache_policy=policy, result_storage=cache / "results")
 
 
 def _key(name: str, **inputs: Any) -> str:
@@ -110,6 +127,7 @@ def train_adapter_task(
         f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
     )
     metrics["base_model"] = model.path
+    metrics["dataset"] = dataset.path
     metrics["dtype"] = settings.compute_dtype if isinstance(settings, adapters.QLoRASettings) else settings.torch_dtype
     return _timed("adapter", folder.publish(staged), key, started, metrics)
 
@@ -127,7 +145,12 @@ def merge_adapter_task(
     folder = ctx.folder("merge_adapter", key)
     staged = folder.staging()
     dtype = settings.torch_dtype or adapter.metadata.get("dtype", "float32")
-    stats = merge.merge_adapter(model.path, adapter.path, dtype, staged, trust_remote_code)
+    dataset = adapter.metadata.get("dataset")
+    stats = merge.merge_adapter(
+        model.path, adapter.path, dtype, staged, trust_remote_code, Path(dataset) if dataset else None
+    )
+    if "heldout_loss" in adapter.metadata:
+        stats["adapter_heldout_loss"] = adapter.metadata["heldout_loss"]
     get_run_logger().info("merged adapter into %s (%s)", Path(model.path).name, dtype)
     return _timed("model", folder.publish(staged), key, started, stats)
 
