@@ -121,13 +121,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.config import load_run_config
-    from flows.finetune import finetune
+    from flows.finetune import RunOptions, finetune
     from flows.preflight import check_before_work
 
-    cfg, _ = load_run_config(args.config, args.overrides)
+    options = RunOptions(overrides=args.overrides)
+    cfg, _ = options.load(args.config)
     check_before_work(cfg)  # a bad config fails here, before Prefect or any step starts
-    state = finetune(config=str(args.config.resolve()), overrides=args.overrides, return_state=True)
+    state = finetune(config=str(args.config.resolve()), options=options, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, UserError):

@@ -122,6 +122,8 @@ class EngineConfig(_Strict):
     target: str | None = Field(None, description="the systems entry the model is built for")
     cache_dir: str = Field(".olive-cache", description="where step results are kept")
     output_dir: str = Field("outputs", description="where finished outputs are published")
+    retries: int = Field(0, ge=0, description="olive-grove: retries of a step that failed for a passing reason")
+    retry_delay_seconds: float = Field(30, ge=0, description="olive-grove: wait before each retry")
     execution_providers: list[str] | None = None
     log_severity_level: int = Field(1, ge=0, le=4, description="0 verbose … 4 fatal, as in Olive")
     search_strategy: Any = None
@@ -224,17 +226,39 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
         node[parts[-1]] = yaml.safe_load(text) if text else ""
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
-    """Read, normalise, override, validate and resolve paths; returns the config and notes for the log."""
+def load_run_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    passes: list[str] | None = None,
+    training_args: dict[str, Any] | None = None,
+) -> tuple[RunConfig, list[str]]:
+    """Read, normalise, override, validate and resolve paths; returns the config and notes for the log.
+
+    `passes` keeps only the named passes (in the config's order); `training_args` is merged into every
+    training pass — what the Prefect UI's run form sets without knowing the pass names.
+    """
     path = Path(path)
     normalised = normalise(read_config_file(path))
-    apply_overrides(normalised.config, overrides or [])
+    raw = normalised.config
+    apply_overrides(raw, overrides or [])
+    if passes is not None:
+        raw["passes"] = select_passes(raw.get("passes") or {}, passes)
+    for settings in (raw.get("passes") or {}).values():
+        if training_args and isinstance(settings, dict) and settings.get("type") in ("LoRA", "QLoRA"):
+            settings.setdefault("training_args", {}).update(training_args)
     try:
-        cfg = RunConfig.model_validate(normalised.config)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise UserErrors(_user_errors(exc, normalised)) from None
     resolve_paths(cfg, path.resolve().parent)
-    return cfg, normalised.notes + no_effect_notes(normalised.config)
+    return cfg, normalised.notes + no_effect_notes(raw)
+
+
+def select_passes(all_passes: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    for name in names:
+        if name not in all_passes:
+            raise UserError("passes", f"the config has no pass named '{name}'", nearest(name, all_passes))
+    return {name: settings for name, settings in all_passes.items() if name in names}
 
 
 def resolve_paths(cfg: RunConfig, base: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 from prefect.states import State
+from pydantic import BaseModel, Field
 
 from flows.config import RunConfig, load_run_config
 from flows.preflight import check_before_work, execution_provider
@@ -25,7 +26,7 @@ from tasks.onnx_build import ModelBuilderSettings
 def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
     """Run a task, note whether it came from the cache, and return its Artifact."""
     started = time.perf_counter()
-    state: State = steps.with_step_cache(task, kwargs["ctx"])(**kwargs, return_state=True)
+    state: State = steps.configure_step(task, kwargs["ctx"])(**kwargs, return_state=True)
     artifact: Artifact = state.result()
     record.append(
         {
@@ -109,16 +110,40 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
     return outputs, record
 
 
+class RunOptions(BaseModel):
+    """What a run may change without editing the config; the Prefect UI shows these as a form."""
+
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps of every training pass")
+    learning_rate: float | None = Field(None, gt=0, description="learning rate of every training pass")
+    output_dir: str | None = Field(None, description="where outputs go instead of engine.output_dir")
+    passes: list[str] | None = Field(None, description="run only these passes (names from the config)")
+    overrides: list[str] = Field(default_factory=list, description="more KEY=VALUE settings, as grove --set")
+
+    def load(self, config: str) -> tuple[RunConfig, list[str]]:
+        overrides = list(self.overrides)
+        if self.output_dir:
+            overrides.append(f"engine.output_dir={self.output_dir}")
+        training = {"max_steps": self.max_steps, "learning_rate": self.learning_rate}
+        training = {k: v for k, v in training.items() if v is not None}
+        return load_run_config(config, overrides, self.passes, training)
+
+
 @flow(name="finetune")
-def finetune(config: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune as the Olive config says: data, adapter, merge, ONNX; every step cached by content."""
+def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
+    """Fine-tune as an Olive config says: data, adapter, merge, ONNX; every step cached by content.
+
+    `config` is the path of an Olive run config (JSON or YAML) on the machine that runs the flow.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
-    cfg, notes = load_run_config(config, overrides or [])
+    cfg, notes = (options or RunOptions()).load(config)
     for note in notes:
         logger.info(note)
     check_before_work(cfg)
-    outputs, record = run_passes(cfg, StepContext(cache_dir=cfg.engine.cache_dir))
+    ctx = StepContext(
+        cache_dir=cfg.engine.cache_dir, retries=cfg.engine.retries, retry_delay_seconds=cfg.engine.retry_delay_seconds
+    )
+    outputs, record = run_passes(cfg, ctx)
     output_dir = Path(cfg.engine.output_dir)
     published = publish_outputs(outputs, output_dir)
     report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)

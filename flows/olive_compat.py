@@ -14,6 +14,7 @@ ENGINE_KEYS = {
     "host", "target", "cache_dir", "output_dir", "execution_providers", "log_severity_level",
     "search_strategy", "evaluate_input_model", "clean_cache", "clean_evaluation_cache", "packaging_config",
     "output_name", "plot_pareto_frontier", "no_artifacts", "evaluator", "ort_log_severity_level",
+    "retries", "retry_delay_seconds",
 }  # fmt: skip
 QLORA_ONLY_KEYS = ("double_quant", "quant_type", "compute_dtype")
 LEGACY_TRAINING_ARGS = {

@@ -44,6 +44,8 @@ class StepContext(BaseModel):
     """Where a step keeps its files; not part of any cache key, so moving the cache keeps its hits."""
 
     cache_dir: str
+    retries: int = 0
+    retry_delay_seconds: float = 30
 
     def folder(self, step: str, key: str) -> StepFolder:
         return StepFolder(Path(self.cache_dir) / "steps" / step / key)
@@ -75,7 +77,13 @@ class StepFolder:
         return self.final.with_name(self.final.name + ".work")
 
     def staging(self) -> Path:
-        """A fresh, uniquely named folder to write outputs into before `publish`."""
+        """A fresh, uniquely named folder to write outputs into before `publish`.
+
+        The step holds its key's lock while it runs, so older staging folders of this key were left by
+        runs that died: they are removed.
+        """
+        for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         path = self.final.with_name(f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}")
         path.mkdir(parents=True)
         return path

@@ -16,6 +16,7 @@ from prefect.transactions import IsolationLevel
 from tasks import adapters, data, merge, onnx_build
 from tasks.artifact import Artifact
 from tasks.caching import LiveHolderLockManager, StepContext, step_key
+from tasks.errors import UserError
 from tasks.models import ModelSource, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
@@ -33,20 +34,34 @@ class StepCachePolicy(CachePolicy):
 STEP_CACHE = StepCachePolicy()
 
 
-def with_step_cache(step: Task, ctx: StepContext) -> Task:
-    """Keep the step's Prefect cache records in the run's cache folder, and compute each key once at a time.
+def configure_step(step: Task, ctx: StepContext) -> Task:
+    """Give a step this run's retries, and keep its Prefect cache records in the run's cache folder.
 
     Two runs that need the same step wait for each other (a file lock per cache key) and the second
     reuses the first's result.
     """
+    retrying = step.with_options(
+        retries=ctx.retries, retry_delay_seconds=ctx.retry_delay_seconds, retry_condition_fn=_is_transient
+    )
     if step.cache_policy is not STEP_CACHE:
-        return step
+        return retrying
     cache = Path(ctx.cache_dir)
     policy = STEP_CACHE.configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
         lock_manager=LiveHolderLockManager(lock_files_directory=cache / "locks"),
     )
-    return step.with_options(cache_policy=policy, result_storage=cache / "results")
+    return retrying.with_options(cache_policy=policy, result_storage=cache / "results")
+
+
+def _is_transient(task: Task, task_run, state) -> bool:
+    """Retry what may pass on a second try; a user mistake fails the same way every time."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False
 
 
 def _key(name: str, **inputs: Any) -> str:
