@@ -76,6 +76,16 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="text or JSON Lines files to train the tokenizer on (default: the tone dataset)",
     )
+    blocks = commands.add_parser("blocks", help="Prefect blocks for credentials").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    sub = blocks.add_parser("register", help="register the Azure block types with the Prefect API")
+    sub.set_defaults(handler=cmd_blocks_register)
+    sub = blocks.add_parser(
+        "set-hf-token", help="store a Hugging Face token (read from HF_TOKEN or stdin) in Secret block 'hf-token'"
+    )
+    sub.set_defaults(handler=cmd_blocks_set_hf_token)
+
     cache = commands.add_parser("cache", help="list or prune cached step results").add_subparsers(
         required=True, metavar="ACTION"
     )
@@ -139,6 +149,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"done in {report['total_seconds']} s; {len(cached)} of {len(report['steps'])} steps from cache")
     for name, path in report["outputs"].items():
         print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_blocks_register(args: argparse.Namespace) -> int:
+    import subprocess
+
+    # prefect-azure's blocks (storage and Azure ML credentials, container instance jobs); Secret is built in.
+    return subprocess.call([sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_azure"])
+
+
+def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
+    from blocks.hub import HF_TOKEN_BLOCK, save_hf_token
+
+    # Never from the command line: arguments show in `ps` and shell history.
+    token = os.environ.get("HF_TOKEN") or sys.stdin.readline().strip()
+    if not token:
+        raise UserError("HF_TOKEN", "no token given", "set HF_TOKEN or pipe the token on stdin")
+    save_hf_token(token)
+    print(f"saved Secret block '{HF_TOKEN_BLOCK}'")
     return 0
 
 

@@ -11,6 +11,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import BaseModel, Field
 
+from blocks.hub import HF_TOKEN_BLOCK, use_hf_token
 from flows.config import RunConfig, load_run_config
 from flows.preflight import check_before_work, execution_provider
 from flows.report import publish_outputs, write_report
@@ -139,6 +140,11 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
     cfg, notes = (options or RunOptions()).load(config)
     for note in notes:
         logger.info(note)
+    if any(system.hf_token for system in cfg.systems.values()):
+        if use_hf_token():
+            logger.info("hub downloads use the token in Secret block '%s'", HF_TOKEN_BLOCK)
+        else:
+            logger.info("no Secret block '%s': hub downloads use HF_TOKEN or your Hugging Face login", HF_TOKEN_BLOCK)
     check_before_work(cfg)
     ctx = StepContext(
         cache_dir=cfg.engine.cache_dir, retries=cfg.engine.retries, retry_delay_seconds=cfg.engine.retry_delay_seconds
