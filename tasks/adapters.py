@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
 from tasks.evaluate import heldout_loss
 from tasks.models import has_cuda, load_causal_lm, load_tokenizer
@@ -48,6 +49,12 @@ class LoRASettings(BaseModel):
     use_dora: bool = Field(False, description="weight-decomposed LoRA (peft's DoRA)")
     torch_dtype: DTYPES = Field("bfloat16", description="dtype of the frozen base weights")
     training_args: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments")
+    fused_kernels: bool = Field(True, description="olive-grove: Liger Kernel's fused layers and loss on CUDA")
+    micro_batch_size: int | Literal["auto"] | None = Field(
+        "auto",
+        description="olive-grove: samples per forward pass, keeping the effective batch; auto: the most that "
+        "fits on the GPU; null: per_device_train_batch_size as configured",
+    )
 
     @field_validator("training_args")
     @classmethod
@@ -123,30 +130,6 @@ def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def pad_collator(pad_id: int, with_mask: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """Pad a batch to its longest sample; padded labels are ignored by the loss."""
-    import torch
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        longest = max(len(s["input_ids"]) for s in batch)
-        padded = longest != min(len(s["input_ids"]) for s in batch)
-
-        def pad(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([list(s[key]) + [value] * (longest - len(s[key])) for s in batch])
-
-        out = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", -100)}
-        if with_mask or padded:
-            if "attention_mask" in batch[0]:
-                out["attention_mask"] = pad("attention_mask", 0)
-            else:
-                out["attention_mask"] = torch.tensor(
-                    [[1] * len(s["input_ids"]) + [0] * (longest - len(s["input_ids"])) for s in batch]
-                )
-        return out
-
-    return collate
-
-
 def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -168,6 +151,43 @@ def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bo
     return TrainingArguments(**args)
 
 
+def build_trainer(
+    settings: LoRASettings,
+    base_model,
+    pad_id: int,
+    train_set,
+    eval_set,
+    checkpoint_dir: Path,
+    on_progress: Callable[[int, int, float | None], None] | None = None,
+    log: Callable[[str], None] = print,
+):
+    """The Hugging Face Trainer for a PEFT adapter on `base_model`, with the speed-ups the settings allow."""
+    from peft import get_peft_model
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tasks.speed import fast_training_args
+
+    base_model.config.use_cache = False  # a cache makes transformers ignore packed position_ids
+    model = get_peft_model(base_model, lora_config(settings))
+    max_len = max(len(ids) for ids in train_set["input_ids"])
+    args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
+    for key, value in fast_training_args(settings, model, max_len, log).items():
+        setattr(args, key, value)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=pad_collator(pad_id, "attention_mask" in train_set.column_names),
+    )
+    trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    for callback in progress_callbacks(on_progress):
+        trainer.add_callback(callback)
+    return trainer
+
+
 def train_adapter(
     settings: LoRASettings,
     model_path: str,
@@ -180,26 +200,16 @@ def train_adapter(
 ) -> dict[str, Any]:
     """Train, resuming from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
     import datasets
-    from peft import get_peft_model
-    from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     train_set = datasets.load_from_disk(str(dataset_dir / "train"))
     eval_set = datasets.load_from_disk(str(dataset_dir / "eval")) if (dataset_dir / "eval").exists() else None
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    model = get_peft_model(load_base_for_training(settings, model_path, trust_remote_code), lora_config(settings))
-    trainer = Trainer(
-        model=model,
-        args=trainer_arguments(settings, checkpoint_dir, eval_set is not None),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=pad_collator(tokenizer.pad_token_id, "attention_mask" in train_set.column_names),
+    base = load_base_for_training(settings, model_path, trust_remote_code)
+    trainer = build_trainer(
+        settings, base, tokenizer.pad_token_id, train_set, eval_set, checkpoint_dir, on_progress, log
     )
-    trainer.pop_callback(ProgressCallback)
-    trainer.pop_callback(PrinterCallback)
-    for callback in progress_callbacks(on_progress):
-        trainer.add_callback(callback)
+    model = trainer.model
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     resume = get_last_checkpoint(str(checkpoint_dir))
     if resume:
@@ -213,13 +223,13 @@ def train_adapter(
         metrics["quantization"] = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
-    metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    metrics["eval_curve"] = [
-        {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
-    ]
+    history = trainer.state.log_history
+    metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
+    metrics["eval_curve"] = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
     metrics["resumed_from"] = Path(resume).name if resume else None
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["train_samples"] = len(train_set)
+    metrics["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 

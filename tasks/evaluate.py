@@ -10,7 +10,7 @@ def heldout_loss(model, dataset_dir: Path, pad_id: int, batch_size: int = 4) -> 
     import datasets
     import torch
 
-    from tasks.adapters import pad_collator
+    from tasks.collate import pad_collator
 
     if not (dataset_dir / "eval").exists():
         return None

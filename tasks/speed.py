@@ -1,0 +1,73 @@
+"""Training speed-ups taken from well-kept libraries, each one a setting that can be switched off.
+
+- fused kernels: Liger Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy (CUDA only);
+- micro-batch: the largest split of the configured effective batch that fits on the GPU, so the same
+  optimizer steps see the same samples, in fewer, fuller forward passes;
+- packing (`strategy: packed` in the data config) lives with the data step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+MEMORY_HEADROOM = 0.9  # of the card's memory a micro-batch probe may reach
+
+
+def liger_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """TrainingArguments that change speed, never what one optimizer step learns from."""
+    import torch
+
+    args: dict[str, Any] = {}
+    if settings.fused_kernels:
+        if liger_available():
+            args["use_liger_kernel"] = True
+        elif torch.cuda.is_available():
+            log("fused kernels: liger-kernel is not installed (pip install liger-kernel); training without")
+    if settings.micro_batch_size is not None:
+        training = settings.training_args
+        effective = int(training.get("per_device_train_batch_size", 8)) * int(
+            training.get("gradient_accumulation_steps", 1)
+        )
+        if settings.micro_batch_size == "auto":
+            micro = largest_micro_batch(model, effective, max_len) if torch.cuda.is_available() else None
+        else:
+            micro = settings.micro_batch_size
+        if micro:
+            if effective % micro:
+                micro = max(d for d in range(1, micro + 1) if effective % d == 0)
+            args["per_device_train_batch_size"] = micro
+            args["gradient_accumulation_steps"] = effective // micro
+            log(f"micro-batch {micro} x {effective // micro} accumulation steps (effective batch {effective})")
+    return args
+
+
+def largest_micro_batch(model, effective: int, max_len: int) -> int:
+    """Try forward and backward passes of full-length samples, from the whole effective batch down."""
+    import torch
+
+    device = next(p for p in model.parameters()).device
+    budget = torch.cuda.get_device_properties(device).total_memory * MEMORY_HEADROOM
+    vocab = model.config.vocab_size
+    for micro in (d for d in range(effective, 0, -1) if effective % d == 0):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            ids = torch.randint(0, vocab, (micro, max_len), device=device)
+            model(input_ids=ids, labels=ids).loss.backward()
+            fits = torch.cuda.max_memory_allocated(device) < budget
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        if fits:
+            return micro
+    return 1
