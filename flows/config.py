@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flows.olive_compat import Normalised, normalise
+from flows.olive_compat import RENAMED_KEYS, Normalised, normalise
 from tasks.adapters import LoRASettings, QLoRASettings
 from tasks.data import AzureMLDatastore, DataConfig
 from tasks.errors import UserError, UserErrors, nearest
@@ -209,21 +209,39 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
-    """`a.b.c=value` sets a key of the normalised config; the value is read as YAML (5, true, [a, b])."""
+    """`a.b.c=value` sets a key of the normalised config (`data_configs.0.name` indexes a list).
+
+    The value is read as YAML: 5, true and [a, b] keep their types.
+    """
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item}", "expected KEY=VALUE", "for example passes.lora.training_args.max_steps=5")
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part) if isinstance(node, dict) else None
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {key}", f"'{part}' is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
+        *parents, leaf = key.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = _child(node, part, key)
+        value = yaml.safe_load(text) if text else ""
+        if isinstance(node, list):
+            node[_index(node, leaf, key)] = value
+        else:
+            node[leaf] = value
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise UserError(f"--set {key}", f"'{part}' is inside a value, not a section")
+    if not isinstance(node.get(part), (dict, list)):
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list[Any], part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise UserError(f"--set {key}", f"'{part}' is not an index of a {len(node)}-entry list")
+    return int(part)
 
 
 def load_run_config(
@@ -371,10 +389,8 @@ def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     if not (isinstance(node, type) and issubclass(node, BaseModel)):
         return []
     keys = list(node.model_fields)
-    for info in node.model_fields.values():
-        if isinstance(info.validation_alias, AliasChoices):
-            keys += [c for c in info.validation_alias.choices if isinstance(c, str)]
-    return sorted(set(keys))
+    keys += [old for old, new in RENAMED_KEYS.items() if new in node.model_fields]
+    return sorted(keys)
 
 
 def _unwrap(node: Any) -> Any:

@@ -17,6 +17,8 @@ ENGINE_KEYS = {
     "retries", "retry_delay_seconds",
 }  # fmt: skip
 QLORA_ONLY_KEYS = ("double_quant", "quant_type", "compute_dtype")
+# Olive's older names for keys that current Olive (and olive-grove) call otherwise.
+RENAMED_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "corpus_strategy": "strategy", "source_max_len": "max_seq_len"}
 LEGACY_TRAINING_ARGS = {
     "evaluation_strategy": "eval_strategy",
     "no_cuda": "use_cpu",
@@ -49,15 +51,25 @@ def normalise(raw: dict[str, Any]) -> Normalised:
         if isinstance(data, dict):
             for section in ("load_dataset_config", "pre_process_data_config"):
                 _unwrap_params(data, section, f"data_configs[{i}].{section}", out)
+            if isinstance(data.get("pre_process_data_config"), dict):
+                _rename_keys(data["pre_process_data_config"], f"data_configs[{i}].pre_process_data_config", out)
             files = (data.get("load_dataset_config") or {}).get("data_files")
             if isinstance(files, dict) and "type" in files:
                 _unwrap_config(files, f"data_configs[{i}].load_dataset_config.data_files", out)
     for name, pass_cfg in (cfg.get("passes") or {}).items():
         if isinstance(pass_cfg, dict):
             _unwrap_config(pass_cfg, f"passes.{name}", out)
+            _rename_keys(pass_cfg, f"passes.{name}", out)
             _training_args(pass_cfg, f"passes.{name}", out)
             _quant_keys_on_lora(pass_cfg, f"passes.{name}", out)
     return out
+
+
+def _rename_keys(section: dict[str, Any], path: str, out: Normalised) -> None:
+    for old, new in RENAMED_KEYS.items():
+        if old in section and new not in section:
+            section[new] = section.pop(old)
+            out.origins[f"{path}.{new}"] = out.user_path(f"{path}.{old}")
 
 
 def _quant_keys_on_lora(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None:

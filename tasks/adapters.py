@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
@@ -40,10 +40,8 @@ class LoRASettings(BaseModel):
         None, gt=0, description="hold out this fraction (<1) or count (>=1) of the training samples"
     )
     target_modules: list[str] | None = Field(None, description="layer names to adapt; None: peft's default")
-    r: int = Field(64, gt=0, validation_alias=AliasChoices("r", "lora_r"), description="LoRA rank")
-    alpha: float = Field(
-        16, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"), description="scale = alpha / r"
-    )
+    r: int = Field(64, gt=0, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="scale = alpha / r")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     modules_to_save: list[str] | None = None
     use_dora: bool = Field(False, description="weight-decomposed LoRA (peft's DoRA)")

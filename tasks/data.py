@@ -6,7 +6,7 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.errors import UserError
 from tasks.models import load_tokenizer
@@ -55,13 +55,11 @@ class TextSettings(_Strict):
     text_template: str | None = Field(None, description="'{column}' placeholders; plain names only")
     strategy: Literal["join", "line-by-line", "packed"] = Field(
         "join",
-        validation_alias=AliasChoices("strategy", "corpus_strategy"),
         description="Olive's join or line-by-line; or packed: whole rows share a sample but not attention",
     )
     max_seq_len: int = Field(
         1024,
         gt=0,
-        validation_alias=AliasChoices("max_seq_len", "source_max_len"),
         description="tokens per sample",
     )
     pad_to_max_len: bool = Field(True, description="pad line-by-line samples to max_seq_len")
