@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from flows.olive_compat import RENAMED_KEYS, Normalised, normalise
 from tasks.adapters import LoRASettings, QLoRASettings
@@ -141,6 +141,8 @@ class EngineConfig(_Strict):
 class RunConfig(_Strict):
     """One fine-tuning run: the base model, data, passes in order, and where things go."""
 
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
     input_model: InputModel
     data_configs: list[DataConfig] = Field(default_factory=list)
     passes: dict[str, PassSettings]
@@ -163,6 +165,11 @@ class RunConfig(_Strict):
                 raise UserError(f"engine.{key}", f"no systems entry named '{ref}'", nearest(ref, self.systems))
         check_pass_order(self)
         return self
+
+    def user_error(self, error: UserError) -> UserError:
+        """The same error, located where the user wrote the key (the nested form nests deeper)."""
+        where = Normalised(config={}, origins=self._origins).user_path(error.where)
+        return UserError(where, error.problem, error.hint)
 
     def data_config(self, name: str) -> tuple[DataConfig, str]:
         index = [d.name for d in self.data_configs].index(name)
@@ -269,6 +276,7 @@ def load_run_config(
     except ValidationError as exc:
         raise UserErrors(_user_errors(exc, normalised)) from None
     resolve_paths(cfg, path.resolve().parent)
+    cfg._origins = normalised.origins
     return cfg, normalised.notes + no_effect_notes(raw)
 
 
@@ -322,8 +330,8 @@ def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError
         path = normalised.user_path(_dotted(loc))
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, UserError):
-            error = UserError(f"{path}.{cause.where}" if path else cause.where, cause.problem, cause.hint)
-            error.where = normalised.user_path(error.where)
+            ours = f"{_dotted(loc)}.{cause.where}" if loc else cause.where
+            error = UserError(normalised.user_path(ours), cause.problem, cause.hint)
         elif err["type"] == "extra_forbidden":
             error = UserError(path, "unknown key", nearest(str(loc[-1]), allowed_keys(err["loc"][:-1])))
         elif err["type"] == "union_tag_invalid":

@@ -27,19 +27,29 @@ from tasks.onnx_build import ModelBuilderSettings
 def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
     """Run a task, note whether it came from the cache, and return its Artifact."""
     started = time.perf_counter()
-    state: State = steps.configure_step(task, kwargs["ctx"])(**kwargs, return_state=True)
+    ctx: StepContext = kwargs["ctx"]
+    step = steps.configure_step(task, ctx)
+    state: State = step(**kwargs, return_state=True)
     artifact: Artifact = state.result()
+    cached = state.name == "Cached"
+    if cached and not Path(artifact.path).is_dir():
+        # The record outlived its files' old place: the cache moved with the project, or files were deleted.
+        moved = ctx.folder(task.name, artifact.fingerprint).final
+        if moved.is_dir():
+            artifact = artifact.model_copy(update={"path": str(moved)})
+        else:
+            artifact, cached = step.with_options(refresh_cache=True)(**kwargs), False
     record.append(
         {
             "step": label,
             "task": task.name,
-            "cached": state.name == "Cached",
+            "cached": cached,
             "seconds": round(time.perf_counter() - started, 2),
             "path": artifact.path,
             "metadata": artifact.metadata,
         }
     )
-    if state.name == "Cached":
+    if cached:
         get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
     return artifact
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flows.config import RunConfig
 from tasks.adapters import LoRASettings, check_target_modules
-from tasks.data import check_data_files
+from tasks.data import check_data
 from tasks.errors import UserError
 from tasks.models import check_model_source, linear_module_names
 from tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
@@ -14,6 +14,13 @@ from tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
 
 def check_before_work(cfg: RunConfig) -> None:
     """Raise a UserError for anything that would fail later, so a bad run writes nothing."""
+    try:
+        _check(cfg)
+    except UserError as exc:
+        raise cfg.user_error(exc) from None
+
+
+def _check(cfg: RunConfig) -> None:
     if not isinstance(cfg.input_model.model_path, str):
         raise UserError(
             "input_model.model_path",
@@ -33,7 +40,7 @@ def check_before_work(cfg: RunConfig) -> None:
     for name, settings in cfg.passes.items():
         if isinstance(settings, LoRASettings):
             data_config, where = cfg.data_config(settings.train_data_config)
-            check_data_files(data_config, where)
+            check_data(data_config, where)
             if settings.target_modules:
                 if linear_names is None:
                     linear_names = linear_module_names(source.name, source.trust_remote_code)

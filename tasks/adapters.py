@@ -60,9 +60,9 @@ class LoRASettings(BaseModel):
         names = training_arg_names()
         for key in args:
             if key in OWNED_TRAINING_ARGS:
-                raise UserError(f"training_args.{key}", "is set by olive-grove", "outputs go to engine.output_dir")
+                raise UserError(key, "is set by olive-grove", "outputs go to engine.output_dir")
             if key not in names:
-                raise UserError(f"training_args.{key}", "is not a TrainingArguments field", nearest(key, names))
+                raise UserError(key, "is not a TrainingArguments field", nearest(key, names))
         return args
 
     @property

@@ -59,6 +59,8 @@ def step_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
             continue
         if isinstance(value, Artifact):
             parts[name] = value.fingerprint
+        elif hasattr(value, "cache_view"):
+            parts[name] = value.cache_view()
         elif isinstance(value, BaseModel):
             parts[name] = value.model_dump(mode="json")
         else:

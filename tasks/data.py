@@ -98,6 +98,10 @@ class DataConfig(_Strict):
     load_dataset_config: LoadDatasetSettings
     pre_process_data_config: TextSettings = Field(default_factory=TextSettings)
 
+    def cache_view(self) -> dict[str, Any]:
+        """What decides the samples, for a cache key: the files count by content (fingerprint_data), not path."""
+        return self.model_dump(mode="json", exclude={"name": True, "load_dataset_config": {"data_files"}})
+
 
 def template_fields(template: str, where: str) -> list[str]:
     """The placeholder names of a template; anything but a plain `{name}` is rejected."""
@@ -156,6 +160,24 @@ def load_rows(config: DataConfig, where: str):
         )
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"{where}.load_dataset_config", f"could not load the dataset: {exc}") from None
+
+
+def check_text_columns(config: DataConfig, columns: list[str], where: str) -> None:
+    missing = [c for c in config.pre_process_data_config.text_cols if c not in columns]
+    if missing:
+        raise UserError(
+            f"{where}.pre_process_data_config.text_cols",
+            f"column '{missing[0]}' is not in the dataset",
+            f"columns: {', '.join(columns)}",
+        )
+
+
+def check_data(config: DataConfig, where: str) -> None:
+    """Files exist and, for local files, hold the columns the template needs: checked before any work."""
+    check_data_files(config, where)
+    load = config.load_dataset_config
+    if load.data_name in LOCAL_FORMATS and load.data_files is not None:
+        check_text_columns(config, load_rows(config, where).column_names, where)
 
 
 def check_data_files(config: DataConfig, where: str) -> None:
@@ -269,13 +291,7 @@ def prepare_dataset(
     tokenizer = load_tokenizer(tokenizer_path)
     rows = load_rows(config, where)
     settings = config.pre_process_data_config
-    missing = [c for c in settings.text_cols if c not in rows.column_names]
-    if missing:
-        raise UserError(
-            f"{where}.pre_process_data_config.text_cols",
-            f"column '{missing[0]}' is not in the dataset",
-            f"columns: {', '.join(rows.column_names)}",
-        )
+    check_text_columns(config, rows.column_names, where)
     texts = [t for t in (row_text(r, settings, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
     samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, settings))
     if len(samples) == 0:
@@ -290,7 +306,9 @@ def prepare_dataset(
     if eval_dataset_size:
         if len(samples) < 2:
             raise UserError("eval_dataset_size", f"only {len(samples)} sample to split", "add data or drop it")
-        split = samples.train_test_split(test_size=eval_dataset_size, seed=seed, shuffle=True)
+        # Olive's meaning: below 1 a fraction of the samples, from 1 a count of them.
+        size = int(eval_dataset_size) if eval_dataset_size >= 1 else eval_dataset_size
+        split = samples.train_test_split(test_size=size, seed=seed, shuffle=True)
         splits = {"train": split["train"], "eval": split["test"]}
     for name, part in splits.items():
         part.save_to_disk(str(out_dir / name))

@@ -17,6 +17,9 @@ class UserError(ValueError):
         self.where, self.problem, self.hint = where, problem, hint
         super().__init__(self.line())
 
+    def __reduce__(self):  # Prefect pickles a failed step's exception into its result
+        return (UserError, (self.where, self.problem, self.hint))
+
     def line(self) -> str:
         text = f"{self.where}: {self.problem}" if self.where else self.problem
         return f"{text} ({self.hint})" if self.hint else text
@@ -28,6 +31,9 @@ class UserErrors(UserError):
     def __init__(self, errors: list[UserError]) -> None:
         self.errors = errors
         super().__init__("", "\n".join(e.line() for e in errors))
+
+    def __reduce__(self):
+        return (UserErrors, (self.errors,))
 
     def line(self) -> str:
         return "\n".join(e.line() for e in self.errors)

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated Prefect home, tiny random models built once, and helpers to write projects and run grove.
+"""Shared fixtures: an isolated Prefect home, tiny random models built once, a trained adapter.
 
 Prefect runs against its ephemeral API (a temporary local server, started once per session): measured on
 the 2-core dev machine it is up ~2 s sooner than `prefect_test_harness`, and this session's PREFECT_HOME
@@ -34,7 +34,31 @@ from prefect.logging.configuration import setup_logging  # noqa: E402
 # Bind Prefect's console handler to the session's stderr now, not to one test's (soon closed) capsys buffer.
 setup_logging()
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # transformers' own deprecation inside peft/Trainer internals: nothing a test here can act on.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_prefect_at_exit():
+    """Prefect stops its temporary server at interpreter exit, after pytest closed its capture streams."""
+    yield
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.WARNING)
+                handler.setStream(sys.__stderr__)
+                handler.console.file = sys.__stderr__
+
+
 from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_ARGS  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory) -> Path:

@@ -1,0 +1,155 @@
+"""The adapter step: LoRA settings, layer names, batching, and real training (with resume) on a tiny llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from grove_helpers import LLAMA_MODULES, PHI3_MODULES
+
+from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
+from tasks.collate import pad_collator
+from tasks.errors import UserError
+from tasks.models import linear_module_names
+from tasks.speed import fast_training_args
+
+
+def test_lora_defaults():
+    settings = LoRASettings.model_validate({"train_data_config": "d"})
+    assert (settings.r, settings.alpha, settings.lora_dropout, settings.torch_dtype) == (64, 16, 0.05, "bfloat16")
+    assert settings.target_modules is None  # peft's default for the architecture
+
+
+def test_seed_prefers_data_seed():
+    def seed(**args) -> int:
+        return LoRASettings.model_validate({"train_data_config": "d", "training_args": args}).seed
+
+    assert (seed(), seed(seed=3), seed(seed=3, data_seed=9)) == (42, 3, 9)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"output_dir": "x"}, "is set by olive-grove"),
+        ({"report_to": "wandb"}, "is set by olive-grove"),
+        ({"max_stepz": 3}, "is not a TrainingArguments field"),
+    ],
+)
+def test_training_args_are_checked(args, message):
+    with pytest.raises(ValueError, match=message):
+        LoRASettings.model_validate({"train_data_config": "d", "training_args": args})
+
+
+def test_qlora_quantization_settings():
+    q = QLoRASettings.model_validate({"train_data_config": "d", "double_quant": True})
+    assert (q.type, q.quant_type, q.double_quant, q.compute_dtype) == ("QLoRA", "nf4", True, "bfloat16")
+    with pytest.raises(ValueError):
+        QLoRASettings.model_validate({"train_data_config": "d", "quant_type": "int3"})
+
+
+def test_linear_layer_names_of_each_arch(tiny_phi3: Path, tiny_llama: Path):
+    phi3 = linear_module_names(str(tiny_phi3))
+    llama = linear_module_names(str(tiny_llama))
+    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= phi3
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= llama
+    assert "q_proj" not in phi3
+
+
+def test_target_modules_are_checked_against_the_model(tiny_phi3: Path):
+    names = linear_module_names(str(tiny_phi3))
+    check_target_modules(LoRASettings(train_data_config="d", target_modules=PHI3_MODULES), names)
+    with pytest.raises(UserError) as exc:
+        check_target_modules(LoRASettings(train_data_config="d", target_modules=["q_projj"]), names)
+    assert exc.value.line() == "target_modules.q_projj: is not a linear layer of this model (did you mean 'qkv_proj'?)"
+
+
+def test_collator_pads_with_ignored_labels():
+    collate = pad_collator(pad_id=3, with_mask=False)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    same = collate([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]}])
+    assert "attention_mask" not in same  # equal lengths, no mask column: none needed
+
+
+def test_collator_keeps_packed_rows_apart():
+    collate = pad_collator(pad_id=0, with_mask=False)
+    batch = collate(
+        [
+            {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]},
+        ]
+    )
+    assert "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
+    assert batch["labels"].tolist()[1] == [-100, 6, -100, -100]
+
+
+def test_micro_batch_keeps_the_effective_batch():
+    settings = LoRASettings.model_validate(
+        {
+            "train_data_config": "d",
+            "micro_batch_size": 4,
+            "training_args": {"per_device_train_batch_size": 6, "gradient_accumulation_steps": 2},
+        }
+    )
+    logged: list[str] = []
+    args = fast_training_args(settings, model=None, max_len=64, log=logged.append)
+    # 12 samples per optimizer step: 4 per pass, 3 passes.
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 3)
+    assert logged == ["micro-batch 4 x 3 accumulation steps (effective batch 12)"]
+    odd = settings.model_copy(update={"micro_batch_size": 5})  # 5 does not divide 12: the next that does
+    args = fast_training_args(odd, model=None, max_len=64, log=logged.append)
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 3)
+
+
+def test_auto_micro_batch_changes_nothing_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU auto probes memory")
+    settings = LoRASettings.model_validate({"train_data_config": "d"})
+    assert fast_training_args(settings, model=None, max_len=64, log=print) == {}
+
+
+# ------------------------------------------------------------------------------------------ real training
+
+
+def test_trained_adapter_is_a_peft_adapter(llama_adapter, tiny_llama: Path):
+    adapter: Path = llama_adapter["adapter"]
+    assert (adapter / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert set(config["target_modules"]) == set(LLAMA_MODULES)
+    assert Path(config["base_model_name_or_path"]) == tiny_llama
+    assert (adapter / "tokenizer.json").is_file()  # infer and merge read the tokenizer from here
+
+
+def test_training_metrics(llama_adapter):
+    metrics = llama_adapter["metrics"]
+    assert metrics["steps"] == 2
+    assert [p["step"] for p in metrics["loss_curve"]] == [1, 2]
+    assert all(p["loss"] > 0 for p in metrics["loss_curve"])
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["heldout_loss"] > 0
+    # r * (in + out) per adapted layer: q_proj and v_proj are 64 -> 64, in each of 2 layers.
+    assert metrics["trainable_params"] == 4 * (64 + 64) * 2 * 2
+    assert metrics["resumed_from"] is None
+    assert llama_adapter["progress"] == [(1, 2), (2, 2)]
+    assert sorted(p.name for p in llama_adapter["checkpoints"].iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_training_resumes_from_the_newest_checkpoint(llama_adapter, llama_dataset, tiny_llama: Path, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(llama_adapter["checkpoints"], checkpoints)
+    settings = llama_adapter["settings"]
+    longer = settings.model_copy(update={"training_args": {**settings.training_args, "max_steps": 3}})
+    logged: list[str] = []
+    metrics = train_adapter(
+        longer, str(tiny_llama), llama_dataset, checkpoints, tmp_path / "adapter", log=logged.append
+    )
+    assert "resuming training from checkpoint-2" in logged
+    assert metrics["resumed_from"] == "checkpoint-2"
+    assert metrics["steps"] == 3
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,189 @@
+"""Content-addressed step results: keys, whole-or-nothing folders, published copies, memoised hashes, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tasks.adapters import LoRASettings
+from tasks.artifact import Artifact, hash_files
+from tasks.caching import (
+    LiveHolderLockManager,
+    StepContext,
+    StepFolder,
+    library_versions,
+    list_cache,
+    publish_copy,
+    remove_entry,
+    step_key,
+)
+
+
+def _artifact(fingerprint: str, path: str = "/somewhere") -> Artifact:
+    return Artifact(kind="model", path=path, fingerprint=fingerprint)
+
+
+def _key(**overrides) -> str:
+    inputs = {
+        "settings": LoRASettings(train_data_config="d", r=4),
+        "model": _artifact("m1"),
+        "trust_remote_code": False,
+        "ctx": StepContext(cache_dir="/cache/a"),
+        **overrides,
+    }
+    return step_key("train_adapter", "1", inputs)
+
+
+def test_step_key_is_stable_and_named_by_step():
+    assert _key() == _key()
+    assert _key().startswith("train_adapter-")
+
+
+def test_step_key_follows_settings_inputs_and_code():
+    assert _key(settings=LoRASettings(train_data_config="d", r=8)) != _key()
+    assert _key(model=_artifact("m2")) != _key()
+    assert _key(trust_remote_code=True) != _key()
+    assert step_key("train_adapter", "2", {"model": _artifact("m1")}) != step_key(
+        "train_adapter", "1", {"model": _artifact("m1")}
+    )
+
+
+def test_step_key_ignores_where_things_are():
+    assert _key(ctx=StepContext(cache_dir="/elsewhere", retries=3)) == _key()
+    assert _key(model=_artifact("m1", path="/moved")) == _key()  # an artifact counts by its fingerprint
+
+
+def test_library_versions_are_recorded():
+    versions = library_versions()
+    assert set(versions) >= {"torch", "transformers", "peft", "datasets", "onnxruntime-genai"}
+    assert versions["torch"] != "absent"
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def test_step_folder_publishes_whole_folders(tmp_path: Path):
+    folder = StepContext(cache_dir=str(tmp_path)).folder("merge_adapter", "merge_adapter-k")
+    assert folder.final == tmp_path / "steps" / "merge_adapter" / "merge_adapter-k"
+    folder.work.mkdir(parents=True)
+    (folder.work / "checkpoint").write_text("scratch")
+    staged = folder.staging()
+    assert staged.name.startswith(".merge_adapter-k.tmp-") and staged.is_dir()
+    (staged / "model.safetensors").write_text("weights")
+    assert not folder.done
+    assert folder.publish(staged) == folder.final
+    assert folder.done and (folder.final / "model.safetensors").read_text() == "weights"
+    assert not staged.exists() and not folder.work.exists()  # scratch goes once the result is in place
+
+
+def test_a_concurrent_twin_keeps_the_first_result(tmp_path: Path):
+    folder = StepFolder(tmp_path / "steps" / "s" / "s-k")
+    first = folder.staging()
+    (first / "f").write_text("first")
+    folder.publish(first)
+    second = folder.staging()  # a run that computed the same key again
+    (second / "f").write_text("second")
+    folder.publish(second)
+    assert (folder.final / "f").read_text() == "first"
+    assert sorted(p.name for p in folder.final.parent.iterdir()) == ["s-k"]
+
+
+def test_staging_clears_what_a_dead_run_left(tmp_path: Path):
+    folder = StepFolder(tmp_path / "steps" / "s" / "s-k")
+    left = folder.staging()
+    (left / "half-written").write_text("x")
+    fresh = folder.staging()
+    assert not left.exists() and fresh.is_dir()
+
+
+def test_publish_copy_replaces_the_target_with_hard_links(tmp_path: Path):
+    source = tmp_path / "cache" / "result"
+    source.mkdir(parents=True)
+    (source / "model.onnx").write_text("new")
+    target = tmp_path / "outputs" / "onnx"
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("old")
+    publish_copy(source, target)
+    assert sorted(p.name for p in target.iterdir()) == ["model.onnx"]
+    assert os.path.samefile(source / "model.onnx", target / "model.onnx")  # same disk: linked, not copied
+    assert sorted(p.name for p in target.parent.iterdir()) == ["onnx"]  # no temporary leftovers
+
+
+def test_hash_files_by_content_with_a_memo(tmp_path: Path):
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    (root / "model.safetensors").write_bytes(b"\0" * 1000)
+    memo = tmp_path / "memo.json"
+    first = hash_files(root, memo=memo)
+    assert len(json.loads(memo.read_text())) == 2
+    assert hash_files(root, memo=memo) == first == hash_files(root)
+    (root / "model.safetensors").write_bytes(b"\1" * 1000)
+    assert hash_files(root, memo=memo) != first
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in root.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    assert hash_files(copy) == hash_files(root)  # by relative name and bytes, not location
+
+
+def test_cache_listing_and_removal(tmp_path: Path):
+    steps = tmp_path / "steps" / "train_adapter"
+    (steps / "train_adapter-a").mkdir(parents=True)
+    (steps / "train_adapter-a" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (steps / "train_adapter-a.work").mkdir()
+    (steps / ".train_adapter-b.tmp-1234").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "train_adapter-a").write_text("{}")
+    [entry] = list_cache(tmp_path)
+    assert (entry.step, entry.key, entry.size_bytes) == ("train_adapter", "train_adapter-a", 100)
+    remove_entry(entry)
+    assert not (tmp_path / "results" / "train_adapter-a").exists()
+    assert sorted(p.name for p in steps.iterdir()) == [".train_adapter-b.tmp-1234"]
+    assert list_cache(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------- locks
+
+
+def test_a_lock_whose_holder_died_is_free(tmp_path: Path):
+    """After a kill -9 mid-step, the next run must not wait forever on the dead run's lock."""
+    holder = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from tasks.caching import LiveHolderLockManager
+        manager = LiveHolderLockManager(lock_files_directory=Path({str(tmp_path)!r}))
+        assert manager.acquire_lock("train_adapter-k", holder="dead-run")
+        os._exit(0)  # dies holding the lock
+        """
+    )
+    subprocess.run([sys.executable, "-c", holder], check=True, timeout=300)
+    assert list(tmp_path.iterdir()), "the dead run left its lock file"
+    manager = LiveHolderLockManager(lock_files_directory=tmp_path)
+    assert not manager.is_locked("train_adapter-k")
+    assert manager.acquire_lock("train_adapter-k", holder="next-run", acquire_timeout=5)
+    manager.release_lock("train_adapter-k", holder="next-run")
+
+
+def test_a_live_holders_lock_is_held(tmp_path: Path):
+    mine = LiveHolderLockManager(lock_files_directory=tmp_path)
+    assert mine.acquire_lock("k", holder="this-run")
+    other = LiveHolderLockManager(lock_files_directory=tmp_path)
+    assert other.is_locked("k")
+    assert not other.acquire_lock("k", holder="other-run", acquire_timeout=0.5)
+    mine.release_lock("k", holder="this-run")
+    assert not other.is_locked("k")
+
+
+@pytest.mark.parametrize("step", ["prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model"])
+def test_every_cached_step_has_a_code_version(step: str):
+    from tasks.steps import CODE_VERSIONS
+
+    assert CODE_VERSIONS[step]

@@ -1,0 +1,84 @@
+"""The ONNX step: ModelBuilder on tiny phi3/llama folders, its options, and ORT GenAI reading the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tasks.inference import generate, model_kind
+from tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
+
+
+def _matmul_nbits(folder: Path) -> list[dict]:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+    ]
+
+
+def test_builder_options_use_the_builders_own_names():
+    settings = ModelBuilderSettings(
+        int4_block_size=32, int4_accuracy_level=1, metadata_only=True, extra_options={"exclude_embeds": True}
+    )
+    assert builder_options(settings) == [
+        "hf_token=false",
+        "exclude_embeds=true",
+        "block_size=32",
+        "accuracy_level=1",
+        "config_only=true",
+    ]
+
+
+def test_settings_are_olive_names():
+    with pytest.raises(ValueError):
+        ModelBuilderSettings.model_validate({"type": "ModelBuilder", "int4_block_size": 48})
+    assert ModelBuilderSettings().precision == "int4"
+
+
+def test_fp32_llama_builds_and_generates(tiny_llama: Path, tmp_path: Path):
+    out = tmp_path / "fp32-cpu"
+    out.mkdir()
+    stats = build_onnx_model(
+        ModelBuilderSettings(precision="fp32", search={"max_length": 96}), str(tiny_llama), "cpu", out, tmp_path / "w"
+    )
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert stats == {
+        "precision": "fp32",
+        "execution_provider": "cpu",
+        "size_bytes": sum(p.stat().st_size for p in out.iterdir()),
+    }
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == 96
+    assert genai["model"]["type"] == "llama"
+    assert _matmul_nbits(out) == []  # not quantized
+    assert (tmp_path / "w" / "builder.log").is_file()  # the builder's chatter, kept out of the terminal
+
+    assert model_kind(out) == "onnx"
+    [text] = generate(out, ["### Text: I miss him.\n### The tone is:\n"], max_new_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, tmp_path: Path):
+    out = tmp_path / "int4-cpu"
+    out.mkdir()
+    settings = ModelBuilderSettings(precision="int4", int4_block_size=32, int4_accuracy_level=1)
+    build_onnx_model(settings, str(tiny_phi3), "cpu", out, tmp_path / "w")
+    nodes = _matmul_nbits(out)
+    assert nodes, "int4 has MatMulNBits nodes"
+    assert {n["block_size"] for n in nodes} == {32}
+    assert {n["accuracy_level"] for n in nodes} == {1}
+    assert {n["bits"] for n in nodes} == {4}
+
+
+def test_metadata_only_writes_config_without_weights(tiny_phi3: Path, tmp_path: Path):
+    out = tmp_path / "meta"
+    out.mkdir()
+    build_onnx_model(ModelBuilderSettings(metadata_only=True), str(tiny_phi3), "cpu", out, tmp_path / "w")
+    names = {p.name for p in out.iterdir()}
+    assert "genai_config.json" in names and "tokenizer.json" in names
+    assert "model.onnx" not in names
