@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     for name, handler, help in (
         ("validate", cmd_validate, "check a config (and its model and data) without running anything"),
         ("run", cmd_run, "run the config's passes as a Prefect flow, reusing cached steps"),
+        ("submit", cmd_submit, "send the run to the work pool of the config's host system (needs a server)"),
     ):
         sub = command(name, handler, help)
         sub.add_argument("--config", required=True, type=Path, help="an Olive run config, JSON or YAML")
@@ -222,6 +223,19 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from flows.finetune import RunOptions
+    from flows.preflight import check_before_work
+    from flows.submit import submit
+
+    options = RunOptions(overrides=args.overrides)
+    cfg, _ = options.load(args.config)
+    check_before_work(cfg)
+    deployment, run_id = submit(cfg, str(args.config.resolve()), options.model_dump(exclude_defaults=True))
+    print(f"submitted flow run {run_id} of {deployment}")
+    return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -161,12 +163,13 @@ def build_trainer(
 ):
     """The Hugging Face Trainer for a PEFT adapter on `base_model`, with the speed-ups the settings allow."""
     from peft import get_peft_model
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tasks.speed import fast_training_args
 
     base_model.config.use_cache = False  # a cache makes transformers ignore packed position_ids
+    set_seed(int(settings.training_args.get("seed", 42)))  # the adapter's initial weights follow the seed too
     model = get_peft_model(base_model, lora_config(settings))
     max_len = max(len(ids) for ids in train_set["input_ids"])
     args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
@@ -198,7 +201,6 @@ def train_adapter(
 ) -> dict[str, Any]:
     """Train, resuming from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
     import datasets
-    from transformers.trainer_utils import get_last_checkpoint
 
     train_set = datasets.load_from_disk(str(dataset_dir / "train"))
     eval_set = datasets.load_from_disk(str(dataset_dir / "eval")) if (dataset_dir / "eval").exists() else None
@@ -208,11 +210,10 @@ def train_adapter(
         settings, base, tokenizer.pad_token_id, train_set, eval_set, checkpoint_dir, on_progress, log
     )
     model = trainer.model
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    resume = get_last_checkpoint(str(checkpoint_dir))
+    resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
-        log(f"resuming training from {Path(resume).name}")
-    result = trainer.train(resume_from_checkpoint=resume)
+        log(f"resuming training from {resume.name}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -224,11 +225,27 @@ def train_adapter(
     history = trainer.state.log_history
     metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
     metrics["eval_curve"] = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
-    metrics["resumed_from"] = Path(resume).name if resume else None
+    metrics["resumed_from"] = resume.name if resume else None
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["train_samples"] = len(train_set)
     metrics["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing; newer, half-written ones (a kill) are removed.
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint whose state file parses is complete.
+    """
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    numbered = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for candidate in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            return candidate
+        except (OSError, ValueError):
+            shutil.rmtree(candidate, ignore_errors=True)
+    return None
 
 
 def progress_callbacks(on_progress: Callable[[int, int, float | None], None] | None) -> list:
