@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import RunConfig
-from tasks.adapters import LoRASettings, check_target_modules
+from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules
 from tasks.data import check_data
 from tasks.errors import UserError
-from tasks.models import check_model_source, linear_module_names
+from tasks.models import check_model_source, has_cuda, linear_module_names
 from tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
 
 
@@ -38,6 +38,9 @@ def _check(cfg: RunConfig) -> None:
         )
     linear_names: set[str] | None = None
     for name, settings in cfg.passes.items():
+        if isinstance(settings, QLoRASettings) and settings.loftq and not has_cuda():
+            raise UserError(f"passes.{name}.loftq", "peft's LoftQ initialisation runs on CUDA only",
+                            "set loftq: false on a machine without a GPU")  # fmt: skip
         if isinstance(settings, LoRASettings):
             data_config, where = cfg.data_config(settings.train_data_config)
             check_data(data_config, where)

@@ -79,6 +79,9 @@ class QLoRASettings(LoRASettings):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = False
     compute_dtype: DTYPES = "bfloat16"
+    loftq: bool = Field(
+        False, description="olive-grove: start LoRA from LoftQ's fit of the 4-bit error (peft; needs safetensors)"
+    )
 
 
 def lora_config(settings: LoRASettings):
@@ -171,6 +174,12 @@ def build_trainer(
     base_model.config.use_cache = False  # a cache makes transformers ignore packed position_ids
     set_seed(int(settings.training_args.get("seed", 42)))  # the adapter's initial weights follow the seed too
     model = get_peft_model(base_model, lora_config(settings))
+    if isinstance(settings, QLoRASettings) and settings.loftq:
+        from peft import replace_lora_weights_loftq
+
+        source = base_model.config._name_or_path  # a local folder must be named; a hub model is found
+        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
+        log("LoRA weights initialised with LoftQ")
     max_len = max(len(ids) for ids in train_set["input_ids"])
     args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
     for key, value in fast_training_args(settings, model, max_len, log).items():

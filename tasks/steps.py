@@ -20,7 +20,7 @@ from tasks.errors import UserError
 from tasks.models import ModelSource, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
-CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "5", "merge_adapter": "2", "build_onnx_model": "1"}
+CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "6", "merge_adapter": "2", "build_onnx_model": "1"}
 
 
 class StepCachePolicy(CachePolicy):
