@@ -11,7 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
-from prefect.transactions import IsolationLevel
+from prefect.transactions import IsolationLevel, get_transaction
 
 from tasks import adapters, data, merge, onnx_build
 from tasks.artifact import Artifact
@@ -64,8 +64,9 @@ def _is_transient(task: Task, task_run, state) -> bool:
     return False
 
 
-def _key(name: str, **inputs: Any) -> str:
-    return step_key(name, CODE_VERSIONS[name], inputs)
+def _current_key() -> str:
+    """This step's cache key, as StepCachePolicy computed it for the run's transaction: it names the folder."""
+    return get_transaction().key
 
 
 def _timed(artifact_kind: str, path: Path, key: str, started: float, metadata: dict[str, Any]) -> Artifact:
@@ -90,15 +91,7 @@ def prepare_dataset_task(
     ctx: StepContext,
 ) -> Artifact:
     started = time.perf_counter()
-    key = _key(
-        "prepare_dataset",
-        config=config,
-        where=where,
-        model=model,
-        eval_dataset_size=eval_dataset_size,
-        seed=seed,
-        data_fingerprint=data_fingerprint,
-    )
+    key = _current_key()
     folder = ctx.folder("prepare_dataset", key)
     staged = folder.staging()
     stats = data.prepare_dataset(config, where, model.path, eval_dataset_size, seed, staged)
@@ -116,7 +109,7 @@ def train_adapter_task(
 ) -> Artifact:
     started = time.perf_counter()
     logger = get_run_logger()
-    key = _key("train_adapter", settings=settings, model=model, dataset=dataset, trust_remote_code=trust_remote_code)
+    key = _current_key()
     folder = ctx.folder("train_adapter", key)
     progress_id = create_progress_artifact(progress=0.0, description="adapter training: percent of steps")
 
@@ -156,7 +149,7 @@ def merge_adapter_task(
     ctx: StepContext,
 ) -> Artifact:
     started = time.perf_counter()
-    key = _key("merge_adapter", settings=settings, model=model, adapter=adapter, trust_remote_code=trust_remote_code)
+    key = _current_key()
     folder = ctx.folder("merge_adapter", key)
     staged = folder.staging()
     dtype = settings.torch_dtype or adapter.metadata.get("dtype", "float32")
@@ -175,7 +168,7 @@ def build_onnx_model_task(
     settings: onnx_build.ModelBuilderSettings, model: Artifact, execution_provider: str, ctx: StepContext
 ) -> Artifact:
     started = time.perf_counter()
-    key = _key("build_onnx_model", settings=settings, model=model, execution_provider=execution_provider)
+    key = _current_key()
     folder = ctx.folder("build_onnx_model", key)
     staged = folder.staging()
     stats = onnx_build.build_onnx_model(settings, model.path, execution_provider, staged, folder.work)
