@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
 from tasks.evaluate import heldout_loss
-from tasks.models import has_cuda, load_causal_lm, load_tokenizer
+from tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
 
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
@@ -25,9 +26,22 @@ DTYPES = Literal["bfloat16", "float16", "float32"]
 
 @functools.cache
 def training_arg_names() -> frozenset[str]:
+    """TrainingArguments' fields. Importing it costs seconds (torch, accelerate), so the names are kept
+    per transformers version: validating a config, or re-running a cached one, need not pay for it."""
+    memo = NAMES_MEMO / f"training-args-{importlib.metadata.version('transformers')}.json"
+    try:
+        return frozenset(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        pass
     from transformers.training_args import TrainingArguments
 
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+    names = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(names))
+    except OSError:
+        pass  # a read-only home only costs the import next time
+    return frozenset(names)
 
 
 class LoRASettings(BaseModel):

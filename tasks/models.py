@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.artifact import Artifact, hash_files
+from tasks.artifact import Artifact, hash_files, hash_value
 from tasks.errors import UserError
 
+# Answers that cost seconds to compute and depend only on what is installed and the model's config.
+NAMES_MEMO = Path.home() / ".cache" / "olive-grove"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Files that decide what a model computes and how its text is tokenized.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.py", "*.tiktoken")
@@ -62,14 +66,33 @@ def resolve_model(source: ModelSource, memo: Path | None = None) -> Artifact:
 
 
 def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set[str]:
-    """Short names of the model's linear layers, read from an empty (meta) copy: no weights are loaded."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Short names of the model's linear layers, read from an empty (meta) copy: no weights are loaded.
+
+    Building even an empty model imports its modeling code (seconds), so the answer is kept per model
+    config and transformers version.
+    """
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    memo = (
+        NAMES_MEMO / f"linear-names-{hash_value([config.to_dict(), importlib.metadata.version('transformers')])}.json"
+    )
+    try:
+        return set(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        pass
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(sorted(names)))
+    except OSError:
+        pass
+    return names
 
 
 def torch_dtype(name: str):
