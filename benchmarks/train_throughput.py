@@ -139,7 +139,7 @@ def load_base(model_dir: Path, quantized: bool):
     return model
 
 
-def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path, quantized: bool):
+def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
     """Plain HF Trainer + PEFT with the guide's settings: what Olive's LoRA/QLoRA pass runs."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -160,7 +160,7 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path, qu
             **args,
         ),
         train_dataset=as_dataset(unpacked(rows)),
-        data_collator=meter.collator(pad_collator(0, True)),
+        data_collator=meter.collator(pad_collator(0)),
         callbacks=[meter.callback()],
     )
     trainer.train()
@@ -197,7 +197,7 @@ def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pac
         model = load_base(model_dir, quantized)
         n_params = sum(p.numel() for p in model.parameters()) if not quantized else _dense_params(cfg)
         if who == "baseline":
-            tok_s = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base", quantized)
+            tok_s = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
         else:
             tok_s, micro = run_ours(model, rows, args, steps, warmup, out / f"{name}-ours", quantized, pack_to)
             print(f"  {name}: ours micro-batch {micro}")

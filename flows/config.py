@@ -28,6 +28,7 @@ NO_EFFECT = {
     "engine.packaging_config", "engine.output_name", "engine.plot_pareto_frontier", "engine.no_artifacts",
     "engine.evaluator", "engine.ort_log_severity_level", "input_model.task", "input_model.model_file_format",
     "azureml_client.keyvault_name",
+    "input_model.load_kwargs.attn_implementation", "input_model.load_kwargs.torch_dtype",
 }  # fmt: skip
 
 
@@ -256,6 +257,7 @@ def load_run_config(
     overrides: list[str] | None = None,
     passes: list[str] | None = None,
     training_args: dict[str, Any] | None = None,
+    output_dir: str | None = None,
 ) -> tuple[RunConfig, list[str]]:
     """Read, normalise, override, validate and resolve paths; returns the config and notes for the log.
 
@@ -266,11 +268,14 @@ def load_run_config(
     normalised = normalise(read_config_file(path))
     raw = normalised.config
     apply_overrides(raw, overrides or [])
+    if output_dir:
+        raw.setdefault("engine", {})["output_dir"] = output_dir
+    all_passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
     if passes is not None:
-        raw["passes"] = select_passes(raw.get("passes") or {}, passes)
-    for settings in (raw.get("passes") or {}).values():
+        raw["passes"] = all_passes = select_passes(all_passes, passes)
+    for settings in all_passes.values():
         if training_args and isinstance(settings, dict) and settings.get("type") in ("LoRA", "QLoRA"):
-            settings.setdefault("training_args", {}).update(training_args)
+            settings["training_args"] = {**(settings.get("training_args") or {}), **training_args}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -281,10 +286,18 @@ def load_run_config(
 
 
 def select_passes(all_passes: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The first passes of the config, up to the named ones: a run may stop early, never skip a pass.
+
+    Skipping would feed a later pass the wrong model (ModelBuilder the base instead of the merged one)
+    and overwrite that pass's outputs.
+    """
     for name in names:
         if name not in all_passes:
             raise UserError("passes", f"the config has no pass named '{name}'", nearest(name, all_passes))
-    return {name: settings for name, settings in all_passes.items() if name in names}
+    order = list(all_passes)
+    if sorted(order.index(n) for n in names) != list(range(len(names))):
+        raise UserError("passes", f"{names} skips a pass", f"choose the first passes in order: {order}")
+    return {name: all_passes[name] for name in order[: len(names)]}
 
 
 def resolve_paths(cfg: RunConfig, base: Path) -> None:
@@ -310,17 +323,29 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
         cfg.input_model.model_path = local(model_path)
     if cfg.input_model.adapter_path:
         cfg.input_model.adapter_path = local(cfg.input_model.adapter_path)
-    cfg.engine.cache_dir = local(cfg.engine.cache_dir)
-    cfg.engine.output_dir = local(cfg.engine.output_dir)
+    for key in ("cache_dir", "output_dir"):
+        value = getattr(cfg.engine, key)
+        if "://" in value:
+            raise UserError(f"engine.{key}", f"{value}: remote storage is not supported yet", "give a local folder")
+        setattr(cfg.engine, key, local(value))
 
 
 def no_effect_notes(raw: dict[str, Any]) -> list[str]:
     notes = []
     for key in sorted(NO_EFFECT):
-        section, _, leaf = key.partition(".")
-        if isinstance(raw.get(section), dict) and leaf in raw[section]:
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
             notes.append(f"{key} has no effect in olive-grove")
+    passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
+    for name, settings in passes.items():
+        if isinstance(settings, dict) and settings.get("eval_data_config"):
+            notes.append(f"passes.{name}.eval_data_config has no effect yet: evaluation uses eval_dataset_size")
     return notes
+
+
+_ABSENT = object()
 
 
 def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:

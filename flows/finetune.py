@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from blocks.hub import HF_TOKEN_BLOCK, use_hf_token
 from flows.config import RunConfig, load_run_config
 from flows.preflight import check_before_work, execution_provider
+from flows.quiet import quiet_libraries
 from flows.report import publish_outputs, write_report
 from tasks import steps
 from tasks.adapters import LoRASettings
@@ -79,7 +80,7 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
                 where=where,
                 model=model,
                 eval_dataset_size=settings.eval_dataset_size,
-                seed=settings.seed,
+                seed=settings.seed if settings.eval_dataset_size else None,  # it only seeds the split
                 data_fingerprint=fingerprint_data(data_config),
                 ctx=ctx,
             )
@@ -127,16 +128,15 @@ class RunOptions(BaseModel):
     max_steps: int | None = Field(None, gt=0, description="optimizer steps of every training pass")
     learning_rate: float | None = Field(None, gt=0, description="learning rate of every training pass")
     output_dir: str | None = Field(None, description="where outputs go instead of engine.output_dir")
-    passes: list[str] | None = Field(None, description="run only these passes (names from the config)")
+    passes: list[str] | None = Field(
+        None, description="stop early: run only the config's first passes, named here (e.g. just the LoRA pass)"
+    )
     overrides: list[str] = Field(default_factory=list, description="more KEY=VALUE settings, as grove --set")
 
     def load(self, config: str) -> tuple[RunConfig, list[str]]:
-        overrides = list(self.overrides)
-        if self.output_dir:
-            overrides.append(f"engine.output_dir={self.output_dir}")
         training = {"max_steps": self.max_steps, "learning_rate": self.learning_rate}
         training = {k: v for k, v in training.items() if v is not None}
-        return load_run_config(config, overrides, self.passes, training)
+        return load_run_config(config, self.overrides, self.passes, training, self.output_dir)
 
 
 @flow(name="finetune")
@@ -145,6 +145,7 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
 
     `config` is the path of an Olive run config (JSON or YAML) on the machine that runs the flow.
     """
+    quiet_libraries()  # a deployment's worker enters here, not through the CLI
     logger = get_run_logger()
     started = time.perf_counter()
     cfg, notes = (options or RunOptions()).load(config)

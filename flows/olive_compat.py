@@ -45,9 +45,11 @@ def normalise(raw: dict[str, Any]) -> Normalised:
     _lift_engine(cfg, out)
     if isinstance(cfg.get("input_model"), dict):
         _input_model(cfg["input_model"], out)
-    for name, system in (cfg.get("systems") or {}).items():
-        _unwrap_config(system, f"systems.{name}", out)
-    for i, data in enumerate(cfg.get("data_configs") or []):
+    for name, system in _entries(cfg.get("systems")):
+        if isinstance(system, dict):
+            _unwrap_config(system, f"systems.{name}", out)
+    data_configs = cfg.get("data_configs")
+    for i, data in enumerate(data_configs if isinstance(data_configs, list) else []):
         if isinstance(data, dict):
             for section in ("load_dataset_config", "pre_process_data_config"):
                 _unwrap_params(data, section, f"data_configs[{i}].{section}", out)
@@ -56,7 +58,7 @@ def normalise(raw: dict[str, Any]) -> Normalised:
             files = (data.get("load_dataset_config") or {}).get("data_files")
             if isinstance(files, dict) and "type" in files:
                 _unwrap_config(files, f"data_configs[{i}].load_dataset_config.data_files", out)
-    for name, pass_cfg in (cfg.get("passes") or {}).items():
+    for name, pass_cfg in _entries(cfg.get("passes")):
         if isinstance(pass_cfg, dict):
             _unwrap_config(pass_cfg, f"passes.{name}", out)
             _rename_keys(pass_cfg, f"passes.{name}", out)
@@ -82,7 +84,14 @@ def _quant_keys_on_lora(pass_cfg: dict[str, Any], path: str, out: Normalised) ->
             out.notes.append(f"{path}.{key} has no effect on a LoRA pass (it is a QLoRA setting)")
 
 
+def _entries(section: Any) -> list[tuple[str, Any]]:
+    """A mapping's items; anything else is left for validation to report."""
+    return list(section.items()) if isinstance(section, dict) else []
+
+
 def _lift_engine(cfg: dict[str, Any], out: Normalised) -> None:
+    if not isinstance(cfg.get("engine", {}), dict):
+        return  # validation reports the wrong type
     engine = cfg.setdefault("engine", {})
     for key in sorted(ENGINE_KEYS & cfg.keys()):
         engine[key] = cfg.pop(key)

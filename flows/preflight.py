@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import RunConfig
-from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules
+from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, check_training_args
 from tasks.data import check_data
 from tasks.errors import UserError
 from tasks.models import check_model_source, has_cuda, linear_module_names
@@ -42,6 +42,7 @@ def _check(cfg: RunConfig) -> None:
             raise UserError(f"passes.{name}.loftq", "peft's LoftQ initialisation runs on CUDA only",
                             "set loftq: false on a machine without a GPU")  # fmt: skip
         if isinstance(settings, LoRASettings):
+            check_training_args(settings, f"passes.{name}.training_args")
             data_config, where = cfg.data_config(settings.train_data_config)
             check_data(data_config, where)
             if settings.target_modules:
@@ -65,18 +66,15 @@ def execution_provider(cfg: RunConfig, settings: ModelBuilderSettings) -> str:
     """The pass's own provider, else the engine's first, else the target system's, else CPU."""
     if settings.execution_provider:
         return settings.execution_provider
-    names = list(cfg.engine.execution_providers or [])
+    names, where = list(cfg.engine.execution_providers or []), "engine.execution_providers"
     target = cfg.systems.get(cfg.engine.target or "")
     if not names and target:
+        where = f"systems.{cfg.engine.target}.accelerators"
         for accelerator in target.accelerators:
             if not isinstance(accelerator, str):
                 names += accelerator.execution_providers or []
     if not names:
         return "cpu"
     if names[0] not in EXECUTION_PROVIDERS:
-        raise UserError(
-            "engine.execution_providers",
-            f"unknown execution provider {names[0]!r}",
-            "one of " + ", ".join(EXECUTION_PROVIDERS),
-        )
+        raise UserError(where, f"unknown execution provider {names[0]!r}", "one of " + ", ".join(EXECUTION_PROVIDERS))
     return EXECUTION_PROVIDERS[names[0]]

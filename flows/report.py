@@ -16,7 +16,7 @@ def publish_outputs(outputs: dict[str, Artifact], output_dir: Path) -> dict[str,
     published = {}
     for name, artifact in outputs.items():
         target = output_dir / name
-        publish_copy(Path(artifact.path), target)
+        publish_copy(Path(artifact.path), target, artifact.fingerprint)
         published[name] = str(target)
     return published
 
@@ -60,7 +60,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _details(metadata: dict[str, Any]) -> str:
     keys = (
         "quantization",
-        "heldout_loss",
         "adapter_heldout_loss",
         "merged_heldout_loss",
         "rows",

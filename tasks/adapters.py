@@ -81,6 +81,10 @@ class LoRASettings(BaseModel):
                 raise UserError(key, "is not a TrainingArguments field", nearest(key, names))
         return args
 
+    def cache_view(self) -> dict[str, Any]:
+        """The settings that decide the adapter; the data is in the dataset's fingerprint, not its name."""
+        return self.model_dump(mode="json", exclude={"train_data_config", "eval_data_config"})
+
     @property
     def seed(self) -> int:
         return int(self.training_args.get("data_seed", self.training_args.get("seed", 42)))
@@ -147,6 +151,25 @@ def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
+def check_training_args(settings: LoRASettings, where: str) -> None:
+    """Check the arguments' types and values before any work; the Trainer would only when it is built."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+    from transformers.training_args import TrainingArguments
+
+    types = typing.get_type_hints(TrainingArguments)
+    for key, value in settings.training_args.items():
+        try:
+            TypeAdapter(types[key]).validate_python(value)
+        except ValidationError as exc:
+            raise UserError(f"{where}.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
+    try:
+        trainer_arguments(settings, Path("unused"), has_eval=settings.eval_dataset_size is not None)
+    except (ValueError, TypeError) as exc:
+        raise UserError(where, str(exc).splitlines()[0]) from None
+
+
 def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -203,7 +226,7 @@ def build_trainer(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=pad_collator(pad_id, "attention_mask" in train_set.column_names),
+        data_collator=pad_collator(pad_id),
     )
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
@@ -238,9 +261,8 @@ def train_adapter(
         log(f"resuming training from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
-    if eval_set is not None:
-        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        metrics["heldout_loss"] = heldout_loss(model, dataset_dir, tokenizer.pad_token_id)
+    if eval_set is not None:  # token-weighted, as the merge step measures the merged model
+        metrics["eval_loss"] = heldout_loss(model, dataset_dir, tokenizer.pad_token_id)
     if isinstance(settings, QLoRASettings):
         metrics["quantization"] = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
     model.save_pretrained(str(out_dir))

@@ -29,6 +29,10 @@ OUTPUT_LIBRARIES = (
 )
 
 
+# Inputs that only say where to point an error message; they change nothing a step produces.
+MESSAGE_ONLY_INPUTS = {"where"}
+
+
 @functools.cache
 def library_versions() -> dict[str, str]:
     versions = {}
@@ -55,7 +59,7 @@ def step_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
     """Hash of the step, its code version, its settings, its inputs' fingerprints and library versions."""
     parts: dict[str, Any] = {"step": step, "code": code_version, "libs": library_versions()}
     for name, value in sorted(inputs.items()):
-        if isinstance(value, StepContext):
+        if isinstance(value, StepContext) or name in MESSAGE_ONLY_INPUTS:
             continue
         if isinstance(value, Artifact):
             parts[name] = value.fingerprint
@@ -101,23 +105,20 @@ class StepFolder:
         shutil.rmtree(self.work, ignore_errors=True)
         return self.final
 
-    @property
-    def done(self) -> bool:
-        return self.final.is_dir()
 
+def publish_copy(source: Path, target: Path, stamp: str) -> None:
+    """Place a copy of `source` at `target`, whole or not at all, replacing what was there.
 
-def publish_copy(source: Path, target: Path) -> None:
-    """Place a copy of `source` at `target` (hard links where the disk allows), replacing what was there."""
+    A copy, not links: editing an output must never change the cache. `stamp` (the cache key) is
+    written beside the files, and a target already stamped with it is left as it is.
+    """
+    marker = target / ".olive-grove-source"
+    if marker.is_file() and marker.read_text() == stamp:
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, staged, copy_function=link_or_copy)
+    shutil.copytree(source, staged)
+    (staged / marker.name).write_text(stamp)
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     if target.exists():
         os.rename(target, old)

@@ -8,7 +8,7 @@ from typing import Any
 IGNORE_INDEX = -100
 
 
-def pad_collator(pad_id: int, with_mask: bool) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+def pad_collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Pad a batch to its longest sample; padded labels are ignored by the loss.
 
     Packed samples (with `position_ids`) get no attention mask: transformers then reads the restarting
@@ -28,7 +28,7 @@ def pad_collator(pad_id: int, with_mask: bool) -> Callable[[list[dict[str, Any]]
             out["position_ids"] = torch.tensor(
                 [list(s["position_ids"]) + list(range(longest - len(s["position_ids"]))) for s in batch]
             )
-        elif "attention_mask" in batch[0] and (with_mask or min(lengths) != longest):
+        elif "attention_mask" in batch[0]:
             out["attention_mask"] = pad("attention_mask", 0)
         elif min(lengths) != longest:
             out["attention_mask"] = torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])

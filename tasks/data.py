@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.artifact import hash_file, hash_value
+from tasks.collate import IGNORE_INDEX
 from tasks.errors import UserError
 from tasks.models import load_tokenizer
 
-IGNORE_INDEX = -100
 LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
 
 
@@ -71,10 +72,13 @@ class TextSettings(_Strict):
     max_samples: int | None = Field(None, gt=0)
     dataset_type: Literal["corpus"] | None = Field(None, description="older Olive key; corpus is the only kind")
 
+    @field_validator("text_cols", mode="before")
+    @classmethod
+    def _one_column(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # Olive accepts a single column name
+
     @model_validator(mode="after")
     def _check(self) -> TextSettings:
-        if isinstance(self.text_cols, str):
-            self.text_cols = [self.text_cols]
         if self.text_template is not None:
             for name in template_fields(self.text_template, "text_template"):
                 if name not in self.text_cols:
@@ -158,8 +162,11 @@ def load_rows(config: DataConfig, where: str):
             data_dir=load.data_dir,
             split=load.split,
         )
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"{where}.load_dataset_config", f"could not load the dataset: {exc}") from None
+    except Exception as exc:  # datasets raises many types for unreadable data; each is the data's fault
+        cause = exc.__cause__ or exc
+        raise UserError(
+            f"{where}.load_dataset_config", f"could not load the dataset: {cause}".splitlines()[0]
+        ) from None
 
 
 def check_text_columns(config: DataConfig, columns: list[str], where: str) -> None:
@@ -282,7 +289,7 @@ def prepare_dataset(
     where: str,
     tokenizer_path: str,
     eval_dataset_size: float | None,
-    seed: int,
+    seed: int | None,
     out_dir: Path,
 ) -> dict[str, Any]:
     """Template and tokenize one data config into `out_dir/train` (and `out_dir/eval`); return counts."""
@@ -323,20 +330,27 @@ def prepare_dataset(
 
 
 def fingerprint_data(config: DataConfig) -> str:
-    """Local files by their bytes; anything else by its name and split (remote files: see blocks/)."""
-    from tasks.artifact import hash_file, hash_value
+    """What the data files hold, split by split: local files by their bytes, remote ones by ETag and size.
+
+    Patterns are expanded first, so editing, adding or removing a matched file changes the fingerprint.
+    """
+    import fsspec
 
     load = config.load_dataset_config
     files = load.data_files
-    if isinstance(files, dict):
-        listed = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
-    else:
-        listed = [files] if isinstance(files, str) else list(files or [])
-    local = sorted(f for f in listed if "://" not in f and Path(f).is_file())
-    return hash_value(
-        {
-            "load": load.model_dump(mode="json", exclude={"data_files"}),
-            "files": [hash_file(Path(f)) for f in local],  # by content, so moving the project keeps hits
-            "remote": sorted(set(listed) - set(local)),
-        }
-    )
+    splits = files if isinstance(files, dict) else {"": files}
+    found: dict[str, list[str]] = {}
+    for split, patterns in splits.items():
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns or []):
+            fs, path = fsspec.core.url_to_fs(pattern)
+            for name in sorted(fs.expand_path(path)) if fs.exists(path) or any(c in path for c in "*?[") else []:
+                if fs.isfile(name):
+                    found.setdefault(split, []).append(_file_fingerprint(fs, name))
+    return hash_value({"load": load.model_dump(mode="json", exclude={"data_files"}), "files": found})
+
+
+def _file_fingerprint(fs, name: str) -> str:
+    if "file" in fs.protocol:
+        return hash_file(Path(name))  # by content, so moving the project keeps its cache hits
+    info = fs.info(name)
+    return f"{info.get('etag') or info.get('ETag') or info.get('mtime') or ''}:{info.get('size')}"

@@ -10,12 +10,12 @@ def heldout_loss(model, dataset_dir: Path, pad_id: int, batch_size: int = 4) -> 
     import datasets
     import torch
 
-    from tasks.collate import pad_collator
+    from tasks.collate import IGNORE_INDEX, pad_collator
 
     if not (dataset_dir / "eval").exists():
         return None
     eval_set = datasets.load_from_disk(str(dataset_dir / "eval"))
-    collate = pad_collator(pad_id, "attention_mask" in eval_set.column_names)
+    collate = pad_collator(pad_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
@@ -29,8 +29,8 @@ def heldout_loss(model, dataset_dir: Path, pad_id: int, batch_size: int = 4) -> 
             logits = model(**batch).logits[:, :-1].float()
             targets = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             total += loss.item()
-            count += int((targets != -100).sum())
+            count += int((targets != IGNORE_INDEX).sum())
     return total / max(count, 1)

@@ -51,18 +51,31 @@ def resolve_model(source: ModelSource, memo: Path | None = None) -> Artifact:
         root = Path(source.name).resolve()
         fingerprint = hash_files(root, model_files(root), memo=memo)
         return Artifact(kind="model", path=str(root), fingerprint=fingerprint, metadata={"source": "local"})
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().model_info(source.name, revision=source.revision)
-    except Exception as exc:  # the hub client raises many types; all mean "cannot resolve this id"
-        raise UserError("input_model.model_path", f"cannot resolve hub model {source.name}: {exc}") from None
+    # Steps load the downloaded folder, so the revision fingerprinted is the one trained on.
+    folder = _download(source)
+    commit = Path(folder).name  # the hub cache keeps each snapshot under its commit hash
     return Artifact(
         kind="model",
-        path=source.name,
-        fingerprint=f"hub:{source.name}@{info.sha}",
-        metadata={"source": "hub", "revision": info.sha, "trust_remote_code": source.trust_remote_code},
+        path=folder,
+        fingerprint=f"hub:{source.name}@{commit}",
+        metadata={"source": "hub", "model": source.name, "revision": commit},
     )
+
+
+def _download(source: ModelSource) -> str:
+    """The model's files from the hub cache; downloaded when online, the cached snapshot when offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = list(MODEL_FILE_PATTERNS)
+    try:
+        return snapshot_download(source.name, revision=source.revision, allow_patterns=patterns)
+    except Exception:  # no network, or the hub refused: a snapshot already here still serves
+        try:
+            return snapshot_download(
+                source.name, revision=source.revision, allow_patterns=patterns, local_files_only=True
+            )
+        except Exception as exc:  # the hub client raises many types; all mean "cannot get this model"
+            raise UserError("input_model.model_path", f"cannot get hub model {source.name}: {exc}") from None
 
 
 def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set[str]:
@@ -73,10 +86,13 @@ def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    memo = (
-        NAMES_MEMO / f"linear-names-{hash_value([config.to_dict(), importlib.metadata.version('transformers')])}.json"
-    )
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        problem = f"cannot read the model's config: {exc}".splitlines()[0]
+        raise UserError("input_model.model_path", problem) from None
+    version = importlib.metadata.version("transformers")
+    memo = NAMES_MEMO / f"linear-names-{hash_value([config.to_dict(), version])}.json"
     try:
         return set(json.loads(memo.read_text()))
     except (OSError, ValueError):

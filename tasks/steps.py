@@ -20,7 +20,7 @@ from tasks.errors import UserError
 from tasks.models import ModelSource, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
-CODE_VERSIONS = {"prepare_dataset": "1", "train_adapter": "6", "merge_adapter": "2", "build_onnx_model": "1"}
+CODE_VERSIONS = {"prepare_dataset": "2", "train_adapter": "7", "merge_adapter": "2", "build_onnx_model": "1"}
 
 
 class StepCachePolicy(CachePolicy):
@@ -86,7 +86,7 @@ def prepare_dataset_task(
     where: str,
     model: Artifact,
     eval_dataset_size: float | None,
-    seed: int,
+    seed: int | None,
     data_fingerprint: str,
     ctx: StepContext,
 ) -> Artifact:
@@ -157,8 +157,8 @@ def merge_adapter_task(
     stats = merge.merge_adapter(
         model.path, adapter.path, dtype, staged, trust_remote_code, Path(dataset) if dataset else None
     )
-    if "heldout_loss" in adapter.metadata:
-        stats["adapter_heldout_loss"] = adapter.metadata["heldout_loss"]
+    if "eval_loss" in adapter.metadata:
+        stats["adapter_heldout_loss"] = adapter.metadata["eval_loss"]
     get_run_logger().info("merged adapter into %s (%s)", Path(model.path).name, dtype)
     return _timed("model", folder.publish(staged), key, started, stats)
 

@@ -127,13 +127,23 @@ BAD_INPUTS = {
                      "host: no systems entry named 'local_sytem' (did you mean 'local_system'?)"),
     "unknown-execution-provider": (
         _set("systems/local_system/accelerators/0/execution_providers", ["FooExecutionProvider"]), False,
-        "engine.execution_providers: unknown execution provider 'FooExecutionProvider'"),
+        "systems.local_system.accelerators: unknown execution provider 'FooExecutionProvider'"),
     "bf16-on-cpu": (_set("passes/builder/precision", "bf16"), False,
                     "passes.builder.precision: bf16 models do not run on the CPU execution provider"),
     "missing-model-folder": (_set("input_model/model_path", "/nonexistent/model"), False,
                              "input_model.model_path: no folder /nonexistent/model, and it is not a hub id"),
     "eval-size-zero": (_set("passes/lora/eval_dataset_size", 0), False,
                        "passes.lora.eval_dataset_size: Input should be greater than 0 (got 0)"),
+    "passes-not-a-mapping": (_set("passes", [{"type": "LoRA"}]), False,
+                             "passes: Input should be a valid dictionary"),
+    "remote-cache-dir": (_set("cache_dir", "az://container/cache"), False,
+                         "engine.cache_dir: az://container/cache: remote storage is not supported yet"),
+    "training-arg-value": (_set("passes/lora/training_args/learning_rate", "fast"), False,
+                           "passes.lora.training_args.learning_rate: Input should be a valid number"),
+    "training-arg-choice": (_set("passes/lora/training_args/eval_strategy", "often"), False,
+                            "passes.lora.training_args: often is not a valid IntervalStrategy"),
+    "unreadable-data": (lambda cfg: cfg["data_configs"][0]["load_dataset_config"].update(data_files="data/bad.json"),
+                        False, "data_configs[0].load_dataset_config: could not load the dataset"),
 }  # fmt: skip
 
 
@@ -142,7 +152,9 @@ def _bad_project(root: Path, model: Path, edit: Edit, in_nested_form: bool) -> P
     if in_nested_form:
         cfg = nested(cfg)
     edit(cfg)
-    return write_project(root, cfg)
+    path = write_project(root, cfg)
+    (root / "data" / "bad.json").write_text('{"phrase": "cut off in the mid')  # malformed JSON Lines
+    return path
 
 
 def _assert_one_error_and_nothing_written(result, root: Path, expected: str | None) -> str:

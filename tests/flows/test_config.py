@@ -263,3 +263,15 @@ def test_config_file_is_not_modified(tmp_path: Path, tiny_phi3: Path):
     load_run_config(cfg_path, ["passes.lora.r=2"])
     assert cfg_path.read_text() == before
     assert json.loads(before)["passes"]["lora"]["r"] == 4
+
+
+def test_a_run_may_stop_early_but_not_skip_a_pass(tmp_path: Path, tiny_phi3: Path):
+    config = write_project(tmp_path, tiny_run_config(tiny_phi3))
+    cfg, _ = load_run_config(config, passes=["lora"])
+    assert list(cfg.passes) == ["lora"]
+    cfg, _ = load_run_config(config, passes=["merge", "lora"])
+    assert list(cfg.passes) == ["lora", "merge"]
+    with pytest.raises(
+        UserError, match=r"skips a pass .*choose the first passes in order: \['lora', 'merge', 'builder'\]"
+    ):
+        load_run_config(config, passes=["builder"])

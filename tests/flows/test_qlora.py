@@ -49,7 +49,7 @@ def test_report_shows_4bit_settings_and_what_merging_cost(qlora_run: Path):
     trained = step(report, "qlora")["metadata"]
     assert trained["quantization"] == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     merged = step(report, "merge_adapter_weights")["metadata"]
-    assert merged["adapter_heldout_loss"] == pytest.approx(trained["heldout_loss"])
+    assert merged["adapter_heldout_loss"] == pytest.approx(trained["eval_loss"])
     assert merged["merged_heldout_loss"] > 0
     # Merging into full-precision weights changes the model a little, not a lot.
     assert merged["merged_heldout_loss"] == pytest.approx(merged["adapter_heldout_loss"], rel=0.05)

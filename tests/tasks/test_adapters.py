@@ -67,7 +67,7 @@ def test_target_modules_are_checked_against_the_model(tiny_phi3: Path):
 
 
 def test_collator_pads_with_ignored_labels():
-    collate = pad_collator(pad_id=3, with_mask=False)
+    collate = pad_collator(pad_id=3)
     batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
@@ -77,7 +77,7 @@ def test_collator_pads_with_ignored_labels():
 
 
 def test_collator_keeps_packed_rows_apart():
-    collate = pad_collator(pad_id=0, with_mask=False)
+    collate = pad_collator(pad_id=0)
     batch = collate(
         [
             {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, -100, 4], "position_ids": [0, 1, 0, 1]},
@@ -132,7 +132,7 @@ def test_training_metrics(llama_adapter):
     assert metrics["steps"] == 2
     assert [p["step"] for p in metrics["loss_curve"]] == [1, 2]
     assert all(p["loss"] > 0 for p in metrics["loss_curve"])
-    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["heldout_loss"] > 0
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0
     # r * (in + out) per adapted layer: q_proj and v_proj are 64 -> 64, in each of 2 layers.
     assert metrics["trainable_params"] == 4 * (64 + 64) * 2 * 2
     assert metrics["resumed_from"] is None

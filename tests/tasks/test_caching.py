@@ -76,9 +76,9 @@ def test_step_folder_publishes_whole_folders(tmp_path: Path):
     staged = folder.staging()
     assert staged.name.startswith(".merge_adapter-k.tmp-") and staged.is_dir()
     (staged / "model.safetensors").write_text("weights")
-    assert not folder.done
+    assert not folder.final.exists()
     assert folder.publish(staged) == folder.final
-    assert folder.done and (folder.final / "model.safetensors").read_text() == "weights"
+    assert (folder.final / "model.safetensors").read_text() == "weights"
     assert not staged.exists() and not folder.work.exists()  # scratch goes once the result is in place
 
 
@@ -102,17 +102,24 @@ def test_staging_clears_what_a_dead_run_left(tmp_path: Path):
     assert not left.exists() and fresh.is_dir()
 
 
-def test_publish_copy_replaces_the_target_with_hard_links(tmp_path: Path):
+def test_publish_copy_replaces_the_target_with_a_copy(tmp_path: Path):
     source = tmp_path / "cache" / "result"
     source.mkdir(parents=True)
     (source / "model.onnx").write_text("new")
     target = tmp_path / "outputs" / "onnx"
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("old")
-    publish_copy(source, target)
-    assert sorted(p.name for p in target.iterdir()) == ["model.onnx"]
-    assert os.path.samefile(source / "model.onnx", target / "model.onnx")  # same disk: linked, not copied
+    publish_copy(source, target, "key-1")
+    assert sorted(p.name for p in target.iterdir()) == [".olive-grove-source", "model.onnx"]
+    assert not os.path.samefile(source / "model.onnx", target / "model.onnx")  # editing it leaves the cache alone
     assert sorted(p.name for p in target.parent.iterdir()) == ["onnx"]  # no temporary leftovers
+
+    (target / "model.onnx").write_text("edited by the user")
+    publish_copy(source, target, "key-1")  # the same cache entry again: nothing to copy
+    assert (target / "model.onnx").read_text() == "edited by the user"
+    assert (source / "model.onnx").read_text() == "new"
+    publish_copy(source, target, "key-2")  # another result: replaced
+    assert (target / "model.onnx").read_text() == "new"
 
 
 def test_hash_files_by_content_with_a_memo(tmp_path: Path):

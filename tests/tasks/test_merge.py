@@ -55,7 +55,7 @@ def test_merged_model_computes_what_base_plus_adapter_computed(merged, llama_ada
 
 def test_merge_measures_the_same_held_out_loss_as_the_adapter(merged, llama_adapter):
     _, stats = merged
-    assert stats["merged_heldout_loss"] == pytest.approx(llama_adapter["metrics"]["heldout_loss"], rel=1e-4)
+    assert stats["merged_heldout_loss"] == pytest.approx(llama_adapter["metrics"]["eval_loss"], rel=1e-4)
 
 
 def test_merge_in_float16(llama_adapter, tiny_llama: Path, tmp_path: Path):

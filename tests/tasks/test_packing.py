@@ -39,7 +39,7 @@ def test_packed_and_unpacked_training_see_the_same_loss(arch: str, request):
     )
     assert len(packed["input_ids"]) < len(ROWS), "rows were packed together"
 
-    collate = pad_collator(tokenizer.pad_token_id, with_mask=False)
+    collate = pad_collator(tokenizer.pad_token_id)
     packed_batch = collate([dict(zip(packed, values)) for values in zip(*packed.values())])
     assert "attention_mask" not in packed_batch
     # Unpacked, the first token of each row has nothing before it: Olive's labels include it, the loss never does.
@@ -56,7 +56,7 @@ def test_packing_without_isolation_would_differ(tiny_phi3: Path):
     tokenizer = load_tokenizer(str(tiny_phi3))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32).eval()
     packed = tokenize_rows(ROWS, tokenizer, TextSettings(strategy="packed", max_seq_len=64))
-    batch = pad_collator(tokenizer.pad_token_id, False)([dict(zip(packed, v)) for v in zip(*packed.values())])
+    batch = pad_collator(tokenizer.pad_token_id)([dict(zip(packed, v)) for v in zip(*packed.values())])
     with torch.no_grad():
         isolated = model(**batch, use_cache=False).loss.item()
         leaking = model(**batch, use_cache=True).loss.item()
