@@ -167,10 +167,11 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
     return meter.tokens_per_second()
 
 
-def run_ours(model, rows, args: dict, steps: int, warmup: int, out: Path, quantized: bool, pack_to: int | None):
+def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_to: int | None, micro: str | None):
     """olive-grove's training step: the same LoRA, the same effective batch, with its speed-ups on."""
     kind = QLoRASettings if quantized else LoRASettings
     settings = kind(train_data_config="x", r=64, alpha=64, lora_dropout=0.1, target_modules=["qkv_proj", "o_proj"],
+                    micro_batch_size=micro,
                     training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps,
                                    "disable_tqdm": True})  # fmt: skip
     data = pack_rows(rows, pack_to) if pack_to else unpacked(rows)
@@ -187,7 +188,7 @@ def flops_per_token(cfg, n_params: int, context: float) -> float:
     return 4 * n_params + 6 * cfg.num_hidden_layers * context * cfg.hidden_size
 
 
-def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pack_to, context, peak_flops):
+def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pack_to, context, peak_flops, micro):
     results = {}
     for who in ("baseline", "ours"):
         gc.collect()
@@ -199,8 +200,8 @@ def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pac
         if who == "baseline":
             tok_s = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
         else:
-            tok_s, micro = run_ours(model, rows, args, steps, warmup, out / f"{name}-ours", quantized, pack_to)
-            print(f"  {name}: ours micro-batch {micro}")
+            tok_s, used = run_ours(model, rows, args, steps, warmup, out / f"{name}-ours", quantized, pack_to, micro)
+            print(f"  {name}: ours micro-batch {used}")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         results[who] = (tok_s, peak, tok_s * flops_per_token(cfg, n_params, context) / peak_flops)
         del model
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--cases", default="lora-2048,lora-short,qlora-2048")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--micro-batch", choices=["auto", "as-configured"], default="auto",
+                        help="ours: micro_batch_size auto (speed) or null (the baseline's memory)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
@@ -254,11 +257,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, args.steps, args.warmup, args.work,
-                               quantized, pack_to, context, peak_flops))  # fmt: skip
+                               quantized, pack_to, context, peak_flops,
+                               "auto" if args.micro_batch == "auto" else None))  # fmt: skip
     print_table(results, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
-    file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train.json"
+    variant = "" if args.micro_batch == "auto" else f"-{args.micro_batch}"
+    file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
     file.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv),
+                                "micro_batch_size": args.micro_batch,
                                 "cases": [asdict(r) for r in results]}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {file}")
     return results
