@@ -340,8 +340,8 @@ def no_effect_notes(raw: dict[str, Any]) -> list[str]:
             notes.append(f"{key} has no effect in olive-grove")
     passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
     for name, settings in passes.items():
-        if isinstance(settings, dict) and settings.get("eval_data_config"):
-            notes.append(f"passes.{name}.eval_data_config has no effect yet: evaluation uses eval_dataset_size")
+        if isinstance(settings, dict) and settings.get("eval_data_config") and settings.get("eval_dataset_size"):
+            notes.append(f"passes.{name}.eval_dataset_size has no effect: eval_data_config gives the eval data")
     return notes
 
 

@@ -55,6 +55,22 @@ def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artif
     return artifact
 
 
+def _prepare(record, label: str, cfg: RunConfig, data_name: str, model: Artifact, split, seed, ctx) -> Artifact:
+    data_config, where = cfg.data_config(data_name)
+    return _run(
+        steps.prepare_dataset_task,
+        record,
+        label,
+        config=data_config,
+        where=where,
+        model=model,
+        eval_dataset_size=split,
+        seed=seed if split else None,  # it only seeds the split
+        data_fingerprint=fingerprint_data(data_config),
+        ctx=ctx,
+    )
+
+
 def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[dict[str, Any]]]:
     """Call one task per pass, in the config's order; returns the final outputs and a record per step."""
     record: list[dict[str, Any]] = []
@@ -71,19 +87,14 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
         )
     for name, settings in cfg.passes.items():
         if isinstance(settings, LoRASettings):
-            data_config, where = cfg.data_config(settings.train_data_config)
-            dataset = _run(
-                steps.prepare_dataset_task,
-                record,
-                f"{name}/dataset",
-                config=data_config,
-                where=where,
-                model=model,
-                eval_dataset_size=settings.eval_dataset_size,
-                seed=settings.seed if settings.eval_dataset_size else None,  # it only seeds the split
-                data_fingerprint=fingerprint_data(data_config),
-                ctx=ctx,
-            )
+            # Like Olive: an eval_data_config takes precedence over holding out eval_dataset_size.
+            split = None if settings.eval_data_config else settings.eval_dataset_size
+            dataset = _prepare(record, f"{name}/dataset", cfg, settings.train_data_config, model, split,
+                               settings.seed, ctx)  # fmt: skip
+            eval_dataset = None
+            if settings.eval_data_config:
+                eval_dataset = _prepare(record, f"{name}/eval-dataset", cfg, settings.eval_data_config, model,
+                                        None, settings.seed, ctx)  # fmt: skip
             adapter = _run(
                 steps.train_adapter_task,
                 record,
@@ -91,6 +102,7 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
                 settings=settings,
                 model=model,
                 dataset=dataset,
+                eval_dataset=eval_dataset,
                 trust_remote_code=trust,
                 ctx=ctx,
             )

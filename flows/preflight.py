@@ -43,8 +43,8 @@ def _check(cfg: RunConfig) -> None:
                             "set loftq: false on a machine without a GPU")  # fmt: skip
         if isinstance(settings, LoRASettings):
             check_training_args(settings, f"passes.{name}.training_args")
-            data_config, where = cfg.data_config(settings.train_data_config)
-            check_data(data_config, where)
+            for data_name in filter(None, (settings.train_data_config, settings.eval_data_config)):
+                check_data(*cfg.data_config(data_name))
             if settings.target_modules:
                 if linear_names is None:
                     linear_names = linear_module_names(source.name, source.trust_remote_code)

@@ -244,12 +244,14 @@ def train_adapter(
     trust_remote_code: bool = False,
     on_progress: Callable[[int, int, float | None], None] | None = None,
     log: Callable[[str], None] = print,
+    eval_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, resuming from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
+    """Train on `dataset_dir/train`, evaluating on `eval_dir` (samples saved by the dataset step), resuming
+    from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
     import datasets
 
     train_set = datasets.load_from_disk(str(dataset_dir / "train"))
-    eval_set = datasets.load_from_disk(str(dataset_dir / "eval")) if (dataset_dir / "eval").exists() else None
+    eval_set = datasets.load_from_disk(str(eval_dir)) if eval_dir else None
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     base = load_base_for_training(settings, model_path, trust_remote_code)
     trainer = build_trainer(
@@ -262,7 +264,7 @@ def train_adapter(
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
     if eval_set is not None:  # token-weighted, as the merge step measures the merged model
-        metrics["eval_loss"] = heldout_loss(model, dataset_dir, tokenizer.pad_token_id)
+        metrics["eval_loss"] = heldout_loss(model, eval_dir, tokenizer.pad_token_id)
     if isinstance(settings, QLoRASettings):
         metrics["quantization"] = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
     model.save_pretrained(str(out_dir))

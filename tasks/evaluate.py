@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def heldout_loss(model, dataset_dir: Path, pad_id: int, batch_size: int = 4) -> float | None:
-    """Mean next-token loss over every labelled token of `dataset_dir/eval`; None without an eval split."""
+def heldout_loss(model, eval_dir: Path, pad_id: int, batch_size: int = 4) -> float:
+    """Mean next-token loss over every labelled token of the samples saved in `eval_dir`."""
     import datasets
     import torch
 
     from tasks.collate import IGNORE_INDEX, pad_collator
 
-    if not (dataset_dir / "eval").exists():
-        return None
-    eval_set = datasets.load_from_disk(str(dataset_dir / "eval"))
+    eval_set = datasets.load_from_disk(str(eval_dir))
     collate = pad_collator(pad_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -28,11 +28,11 @@ def merge_adapter(
     dtype: str,
     out_dir: Path,
     trust_remote_code: bool = False,
-    dataset_dir: Path | None = None,
+    eval_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Load the base unquantized in `dtype` (a QLoRA adapter too), merge, and save with the tokenizer.
 
-    With the adapter's dataset, also measure the merged model's held-out loss: what merging cost.
+    With the adapter's evaluation samples, also measure the merged model's loss on them: what merging cost.
     """
     from peft import PeftModel
 
@@ -44,6 +44,6 @@ def merge_adapter(
     tokenizer.save_pretrained(str(out_dir))
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
     stats = {"dtype": dtype, "size_bytes": size, "parameters": sum(p.numel() for p in merged.parameters())}
-    if dataset_dir is not None:
-        stats["merged_heldout_loss"] = heldout_loss(merged, dataset_dir, tokenizer.pad_token_id)
+    if eval_dir is not None:
+        stats["merged_heldout_loss"] = heldout_loss(merged, eval_dir, tokenizer.pad_token_id)
     return stats

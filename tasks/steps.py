@@ -20,7 +20,7 @@ from tasks.errors import UserError
 from tasks.models import ModelSource, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
-CODE_VERSIONS = {"prepare_dataset": "2", "train_adapter": "7", "merge_adapter": "2", "build_onnx_model": "1"}
+CODE_VERSIONS = {"prepare_dataset": "2", "train_adapter": "8", "merge_adapter": "3", "build_onnx_model": "1"}
 
 
 class StepCachePolicy(CachePolicy):
@@ -104,9 +104,12 @@ def train_adapter_task(
     settings: adapters.LoRASettings,
     model: Artifact,
     dataset: Artifact,
+    eval_dataset: Artifact | None,
     trust_remote_code: bool,
     ctx: StepContext,
 ) -> Artifact:
+    """Train on the dataset's train split; evaluate on `eval_dataset` (Olive's eval_data_config) or else on
+    the dataset's own held-out split, if it has one."""
     started = time.perf_counter()
     logger = get_run_logger()
     key = _current_key()
@@ -118,6 +121,8 @@ def train_adapter_task(
         if loss is not None and step % 10 == 0:
             logger.info("step %d/%d loss %.4f", step, total, loss)
 
+    eval_dir = Path(eval_dataset.path) / "train" if eval_dataset else Path(dataset.path) / "eval"
+    eval_dir = eval_dir if eval_dir.exists() else None
     staged = folder.staging()
     metrics = adapters.train_adapter(
         settings,
@@ -128,6 +133,7 @@ def train_adapter_task(
         trust_remote_code=trust_remote_code,
         on_progress=on_progress,
         log=logger.info,
+        eval_dir=eval_dir,
     )
     logger.info(
         "adapter trained: train loss %.4f%s",
@@ -135,7 +141,7 @@ def train_adapter_task(
         f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
     )
     metrics["base_model"] = model.path
-    metrics["dataset"] = dataset.path
+    metrics["eval_samples"] = str(eval_dir) if eval_dir else None
     metrics["dtype"] = settings.compute_dtype if isinstance(settings, adapters.QLoRASettings) else settings.torch_dtype
     return _timed("adapter", folder.publish(staged), key, started, metrics)
 
@@ -153,9 +159,9 @@ def merge_adapter_task(
     folder = ctx.folder("merge_adapter", key)
     staged = folder.staging()
     dtype = settings.torch_dtype or adapter.metadata.get("dtype", "float32")
-    dataset = adapter.metadata.get("dataset")
+    eval_samples = adapter.metadata.get("eval_samples")
     stats = merge.merge_adapter(
-        model.path, adapter.path, dtype, staged, trust_remote_code, Path(dataset) if dataset else None
+        model.path, adapter.path, dtype, staged, trust_remote_code, Path(eval_samples) if eval_samples else None
     )
     if "eval_loss" in adapter.metadata:
         stats["adapter_heldout_loss"] = adapter.metadata["eval_loss"]

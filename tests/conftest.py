@@ -136,6 +136,7 @@ def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]
         root / "adapter",
         on_progress=lambda step, total, loss: progress.append((step, total)),
         log=logged.append,
+        eval_dir=llama_dataset / "eval",
     )
     return {
         "settings": settings,

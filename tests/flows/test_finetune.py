@@ -288,3 +288,19 @@ def test_same_data_in_another_folder_reuses_the_trained_adapter(lora_merge_build
     shutil.copytree(lora_merge_builder_run.config.parent, tmp_path / "copy")
     copied = run(tmp_path / "copy" / "config.json")
     assert "lora" in copied.report["cached_steps"]
+
+
+def test_eval_data_config_gives_the_evaluation_samples(tiny_llama: Path, tmp_path: Path):
+    cfg = tiny_run_config(tiny_llama, {"lora": lora_pass(LLAMA_MODULES, eval_data_config="tone_eval")})
+    held_out = json.loads(json.dumps(cfg["data_configs"][0]))
+    held_out.update(name="tone_eval")
+    held_out["load_dataset_config"]["data_files"] = "data/eval.json"
+    cfg["data_configs"].append(held_out)
+    config = write_project(tmp_path, cfg)
+    first_rows = (tmp_path / "data" / "tone.json").read_text().splitlines()[:30]
+    (tmp_path / "data" / "eval.json").write_text("\n".join(first_rows) + "\n")
+    report = run(config).report
+    assert step(report, "lora/dataset")["metadata"]["samples"].keys() == {"train"}  # no held-out split taken
+    evaluation = step(report, "lora/eval-dataset")["metadata"]
+    assert evaluation["rows"] == 30
+    assert step(report, "lora")["metadata"]["eval_loss"] > 0

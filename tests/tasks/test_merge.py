@@ -18,7 +18,9 @@ PROMPT = "### Text: We just got the keys to our very first home!\n### The tone i
 @pytest.fixture(scope="module")
 def merged(llama_adapter, llama_dataset, tiny_llama: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("merged")
-    stats = merge_adapter(str(tiny_llama), str(llama_adapter["adapter"]), "float32", out, dataset_dir=llama_dataset)
+    stats = merge_adapter(
+        str(tiny_llama), str(llama_adapter["adapter"]), "float32", out, eval_dir=llama_dataset / "eval"
+    )
     return out, stats
 
 
