@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.artifact import read_memo, write_memo
 from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
 from tasks.evaluate import heldout_loss
@@ -29,18 +30,12 @@ def training_arg_names() -> frozenset[str]:
     """TrainingArguments' fields. Importing it costs seconds (torch, accelerate), so the names are kept
     per transformers version: validating a config, or re-running a cached one, need not pay for it."""
     memo = NAMES_MEMO / f"training-args-{importlib.metadata.version('transformers')}.json"
-    try:
-        return frozenset(json.loads(memo.read_text()))
-    except (OSError, ValueError):
-        pass
-    from transformers.training_args import TrainingArguments
+    names = read_memo(memo, None)
+    if names is None:
+        from transformers.training_args import TrainingArguments
 
-    names = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(names))
-    except OSError:
-        pass  # a read-only home only costs the import next time
+        names = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+        write_memo(memo, names)
     return frozenset(names)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = N
     `memo` keeps (size, mtime) → hash for big files, so a 7 GB base model is hashed once, not every run.
     """
     paths = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
-    known = _read_memo(memo)
+    known = read_memo(memo, {})
     digest = hashlib.blake2b(digest_size=16)
     for path in paths:
         stat = path.stat()
@@ -45,7 +46,7 @@ def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = N
         file_hash = known.get(stamp) or hash_file(path)
         known[stamp] = file_hash
         digest.update(f"{path.relative_to(root).as_posix()}={file_hash};".encode())
-    _write_memo(memo, known)
+    write_memo(memo, known)
     return digest.hexdigest()
 
 
@@ -55,19 +56,24 @@ def hash_value(value: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _read_memo(memo: Path | None) -> dict[str, str]:
-    if memo is None or not memo.exists():
-        return {}
+def read_memo(memo: Path | None, default: Any) -> Any:
+    """A remembered answer (JSON), or `default` when there is none or it cannot be read."""
+    if memo is None:
+        return default
     try:
         return json.loads(memo.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    except (OSError, ValueError):
+        return default
 
 
-def _write_memo(memo: Path | None, known: dict[str, str]) -> None:
+def write_memo(memo: Path | None, value: Any) -> None:
+    """Remember an answer, atomically; a memo that cannot be written only costs recomputing it."""
     if memo is None:
         return
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".tmp{id(known)}")
-    tmp.write_text(json.dumps(known))
-    tmp.replace(memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(memo)
+    except OSError:
+        pass

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from tasks.artifact import Artifact, hash_files, hash_value
+from tasks.artifact import Artifact, hash_files, hash_value, read_memo, write_memo
 from tasks.errors import UserError
 
 # Answers that cost seconds to compute and depend only on what is installed and the model's config.
@@ -93,22 +92,16 @@ def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set
         raise UserError("input_model.model_path", problem) from None
     version = importlib.metadata.version("transformers")
     memo = NAMES_MEMO / f"linear-names-{hash_value([config.to_dict(), version])}.json"
-    try:
-        return set(json.loads(memo.read_text()))
-    except (OSError, ValueError):
-        pass
-    import torch
-    from transformers import AutoModelForCausalLM
+    names = read_memo(memo, None)
+    if names is None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(sorted(names)))
-    except OSError:
-        pass
-    return names
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        write_memo(memo, names)
+    return set(names)
 
 
 def torch_dtype(name: str):
