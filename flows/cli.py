@@ -117,12 +117,19 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from flows.config import load_run_config
+def checked_config(args: argparse.Namespace):
+    """The run options from `--set`, and the config they give, checked before any work."""
+    from flows.finetune import RunOptions
     from flows.preflight import check_before_work
 
-    cfg, notes = load_run_config(args.config, args.overrides)
+    options = RunOptions(overrides=args.overrides)
+    cfg, notes = options.load(args.config)
     check_before_work(cfg)
+    return options, cfg, notes
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _, cfg, notes = checked_config(args)
     for note in notes:
         print(f"note: {note}")
     if args.print:
@@ -132,12 +139,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.finetune import RunOptions, finetune
-    from flows.preflight import check_before_work
+    from flows.finetune import finetune
 
-    options = RunOptions(overrides=args.overrides)
-    cfg, _ = options.load(args.config)
-    check_before_work(cfg)  # a bad config fails here, before Prefect or any step starts
+    options, _, _ = checked_config(args)  # a bad config fails here, before Prefect or any step starts
     state = finetune(config=str(args.config.resolve()), options=options, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
@@ -226,13 +230,9 @@ def _size(n: float) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from flows.finetune import RunOptions
-    from flows.preflight import check_before_work
     from flows.submit import submit
 
-    options = RunOptions(overrides=args.overrides)
-    cfg, _ = options.load(args.config)
-    check_before_work(cfg)
+    options, cfg, _ = checked_config(args)
     deployment, run_id = submit(cfg, str(args.config.resolve()), options.model_dump(exclude_defaults=True))
     print(f"submitted flow run {run_id} of {deployment}")
     return 0
