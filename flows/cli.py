@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.storage import is_url
 
 EXIT_USER_ERROR = 2
 
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
         "set-hf-token", help="store a Hugging Face token (read from HF_TOKEN or stdin) in Secret block 'hf-token'"
     )
     sub.set_defaults(handler=cmd_blocks_set_hf_token)
+    sub = blocks.add_parser(
+        "set-azure-storage",
+        help="store an Azure Storage connection string (read from AZURE_STORAGE_CONNECTION_STRING or stdin) "
+        "in block 'azure-storage'",
+    )
+    sub.set_defaults(handler=cmd_blocks_set_azure_storage)
 
     cache = commands.add_parser("cache", help="list or prune cached step results").add_subparsers(
         required=True, metavar="ACTION"
@@ -119,11 +126,12 @@ def _days(text: str) -> float:
 
 def checked_config(args: argparse.Namespace):
     """The run options from `--set`, and the config they give, checked before any work."""
-    from flows.finetune import RunOptions
+    from flows.finetune import RunOptions, use_credentials
     from flows.preflight import check_before_work
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
+    use_credentials(cfg, lambda *_: None)  # the flow logs where its credentials came from
     check_before_work(cfg)
     return options, cfg, notes
 
@@ -164,6 +172,19 @@ def cmd_blocks_register(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_azure"])
 
 
+def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
+    from blocks.azure import AZURE_STORAGE_BLOCK, save_azure_storage
+
+    secret = os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or sys.stdin.readline().strip()
+    if not secret:
+        raise UserError(
+            "AZURE_STORAGE_CONNECTION_STRING", "no connection string given", "set it or pipe the string on stdin"
+        )
+    save_azure_storage(secret)
+    print(f"saved AzureBlobStorageCredentials block '{AZURE_STORAGE_BLOCK}'")
+    return 0
+
+
 def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
     from blocks.hub import HF_TOKEN_BLOCK, save_hf_token
 
@@ -182,9 +203,10 @@ def _cache_entries(args: argparse.Namespace):
     if args.cache_dir:
         return list_cache(args.cache_dir), None
     from flows.config import load_run_config
+    from flows.finetune import step_context
 
     cfg, _ = load_run_config(args.config)
-    return list_cache(Path(cfg.engine.cache_dir)), cfg
+    return list_cache(Path(step_context(cfg).cache_dir)), cfg  # a shared cache: this machine's copy of it
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -205,6 +227,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         if cfg is None:
             raise UserError("--only-config", "needs --config")
         report = Path(cfg.engine.output_dir) / "report.json"
+        if is_url(cfg.engine.output_dir):
+            raise UserError("--only-config", "reads report.json from a local engine.output_dir", "use --older-than")
         if not report.is_file():
             raise UserError(str(report), "no report: this config has not run", "run it, or prune by --older-than")
         used = {Path(s["path"]).name for s in json.loads(report.read_text())["steps"]}

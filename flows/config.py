@@ -6,13 +6,14 @@ import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from flows.olive_compat import RENAMED_KEYS, Normalised, normalise
 from tasks.adapters import LoRASettings, QLoRASettings
-from tasks.data import AzureMLDatastore, DataConfig
+from tasks.data import AzureMLDatastore, DataConfig, listed_files
 from tasks.errors import UserError, UserErrors, nearest
 from tasks.merge import MergeSettings
 from tasks.models import ModelSource
@@ -22,6 +23,7 @@ PassSettings = Annotated[
     LoRASettings | QLoRASettings | MergeSettings | ModelBuilderSettings, Field(discriminator="type")
 ]
 TRAINING_PASSES = (LoRASettings, QLoRASettings)
+AZURE_PROTOCOLS = {"az", "abfs", "abfss"}
 # Keys Olive knows that change nothing here; accepted, and named once in the log.
 NO_EFFECT = {
     "engine.search_strategy", "engine.evaluate_input_model", "engine.clean_cache", "engine.clean_evaluation_cache",
@@ -75,12 +77,18 @@ class InputModel(_Strict):
                 ) from None
         return self
 
-    def source(self) -> ModelSource:
-        assert isinstance(self.model_path, str)
+    def source(self, azureml_client: AzureMLClient | None = None) -> ModelSource:
+        """Where the base model comes from; a registry model is reached through the config's azureml_client."""
+        common = {"revision": self.load_kwargs.revision, "trust_remote_code": self.load_kwargs.trust_remote_code}
+        if isinstance(self.model_path, str):
+            return ModelSource(name=self.model_path, **common)
+        registry = RegistryModel.model_validate(self.model_path)
         return ModelSource(
-            name=self.model_path,
-            revision=self.load_kwargs.revision,
-            trust_remote_code=self.load_kwargs.trust_remote_code,
+            name=registry.name,
+            registry_name=registry.registry_name,
+            version=str(registry.version),
+            azureml_client=azureml_client.model_dump(exclude_none=True) if azureml_client else None,
+            **common,
         )
 
 
@@ -171,6 +179,20 @@ class RunConfig(_Strict):
         """The same error, located where the user wrote the key (the nested form nests deeper)."""
         where = Normalised(config={}, origins=self._origins).user_path(error.where)
         return UserError(where, error.problem, error.hint)
+
+    def uses_azure_storage(self) -> bool:
+        """Whether any location the run reads or writes is in Azure Storage."""
+        places = [self.engine.cache_dir, self.engine.output_dir]
+        places += [self.input_model.model_path] if isinstance(self.input_model.model_path, str) else []
+        for data in self.data_configs:
+            files = data.load_dataset_config.data_files
+            if isinstance(files, AzureMLDatastore):
+                return True
+            places += [file for _, file in listed_files(files, "")]
+        return any(urlparse(place).scheme in AZURE_PROTOCOLS for place in places)
+
+    def model_source(self) -> ModelSource:
+        return self.input_model.source(self.azureml_client)
 
     def data_config(self, name: str) -> tuple[DataConfig, str]:
         index = [d.name for d in self.data_configs].index(name)
@@ -324,10 +346,7 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
     if cfg.input_model.adapter_path:
         cfg.input_model.adapter_path = local(cfg.input_model.adapter_path)
     for key in ("cache_dir", "output_dir"):
-        value = getattr(cfg.engine, key)
-        if "://" in value:
-            raise UserError(f"engine.{key}", f"{value}: remote storage is not supported yet", "give a local folder")
-        setattr(cfg.engine, key, local(value))
+        setattr(cfg.engine, key, local(getattr(cfg.engine, key)))
 
 
 def no_effect_notes(raw: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import BaseModel, Field
 
+from blocks.azure import AZURE_STORAGE_BLOCK, use_azure_storage
 from blocks.hub import HF_TOKEN_BLOCK, use_hf_token
 from flows.config import RunConfig, load_run_config
 from flows.preflight import check_before_work, execution_provider
@@ -23,23 +25,31 @@ from tasks.caching import StepContext
 from tasks.data import fingerprint_data
 from tasks.merge import MergeSettings
 from tasks.onnx_build import ModelBuilderSettings
+from tasks.shared_cache import local_copy_of
+from tasks.storage import is_url
 
 
 def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
     """Run a task, note whether it came from the cache, and return its Artifact."""
     started = time.perf_counter()
     ctx: StepContext = kwargs["ctx"]
+    key, shared = steps.cache_key(task, kwargs), ctx.shared()
+    if key and shared:
+        shared.fetch_record(key)  # another machine's result becomes this run's cache hit
     step = steps.configure_step(task, ctx)
     state: State = step(**kwargs, return_state=True)
     artifact: Artifact = state.result()
     cached = state.name == "Cached"
     if cached and not Path(artifact.path).is_dir():
-        # The record outlived its files' old place: the cache moved with the project, or files were deleted.
-        moved = ctx.folder(task.name, artifact.fingerprint).final
-        if moved.is_dir():
-            artifact = artifact.model_copy(update={"path": str(moved)})
+        # The record outlived its files' old place: the cache moved, the record came from another machine
+        # through the shared cache, or the files were deleted.
+        here = ctx.folder(task.name, artifact.fingerprint).final
+        if here.is_dir() or (shared and shared.fetch_folder(task.name, artifact.fingerprint, here)):
+            artifact = artifact.model_copy(update={"path": str(here)})
         else:
             artifact, cached = step.with_options(refresh_cache=True)(**kwargs), False
+    if key and shared and shared.share(task.name, artifact.fingerprint, Path(artifact.path)):
+        get_run_logger().info("%s: shared through %s", label, shared.remote.url)
     record.append(
         {
             "step": label,
@@ -74,7 +84,7 @@ def _prepare(record, label: str, cfg: RunConfig, data_name: str, model: Artifact
 def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[dict[str, Any]]]:
     """Call one task per pass, in the config's order; returns the final outputs and a record per step."""
     record: list[dict[str, Any]] = []
-    source = cfg.input_model.source()
+    source = cfg.model_source()
     trust = source.trust_remote_code
     model = _run(steps.fingerprint_base_model, record, "input_model", source=source, ctx=ctx)
     outputs: dict[str, Artifact] = {}
@@ -134,6 +144,30 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
     return outputs, record
 
 
+def use_credentials(cfg: RunConfig, log: Callable[..., None]) -> None:
+    """Hand the credentials in Prefect blocks to the libraries that need them (through their own variables)."""
+    if any(system.hf_token for system in cfg.systems.values()):
+        if use_hf_token():
+            log("hub downloads use the token in Secret block '%s'", HF_TOKEN_BLOCK)
+        else:
+            log("no Secret block '%s': hub downloads use HF_TOKEN or your Hugging Face login", HF_TOKEN_BLOCK)
+    if cfg.uses_azure_storage() and use_azure_storage():
+        log("Azure Storage is reached with the credentials in block '%s'", AZURE_STORAGE_BLOCK)
+
+
+def step_context(cfg: RunConfig) -> StepContext:
+    """Steps work in a local cache folder; a cache_dir URL is shared through this machine's copy of it."""
+    cache_dir, shared_url = cfg.engine.cache_dir, None
+    if is_url(cache_dir):
+        cache_dir, shared_url = str(local_copy_of(cache_dir)), cache_dir
+    return StepContext(
+        cache_dir=cache_dir,
+        shared_url=shared_url,
+        retries=cfg.engine.retries,
+        retry_delay_seconds=cfg.engine.retry_delay_seconds,
+    )
+
+
 class RunOptions(BaseModel):
     """What a run may change without editing the config; the Prefect UI shows these as a form."""
 
@@ -163,17 +197,11 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
     cfg, notes = (options or RunOptions()).load(config)
     for note in notes:
         logger.info(note)
-    if any(system.hf_token for system in cfg.systems.values()):
-        if use_hf_token():
-            logger.info("hub downloads use the token in Secret block '%s'", HF_TOKEN_BLOCK)
-        else:
-            logger.info("no Secret block '%s': hub downloads use HF_TOKEN or your Hugging Face login", HF_TOKEN_BLOCK)
+    use_credentials(cfg, logger.info)
     check_before_work(cfg)
-    ctx = StepContext(
-        cache_dir=cfg.engine.cache_dir, retries=cfg.engine.retries, retry_delay_seconds=cfg.engine.retry_delay_seconds
-    )
+    ctx = step_context(cfg)
     outputs, record = run_passes(cfg, ctx)
-    output_dir = Path(cfg.engine.output_dir)
+    output_dir = cfg.engine.output_dir
     published = publish_outputs(outputs, output_dir)
     report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
     logger.info("outputs in %s", output_dir)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from flows.config import RunConfig
 from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, check_training_args
-from tasks.data import check_data
+from tasks.azureml import connect
+from tasks.data import AzureMLDatastore, check_data
 from tasks.errors import UserError
 from tasks.models import check_model_source, has_cuda, linear_module_names
 from tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
+from tasks.storage import Remote, is_url
 
 
 def check_before_work(cfg: RunConfig) -> None:
@@ -21,13 +23,12 @@ def check_before_work(cfg: RunConfig) -> None:
 
 
 def _check(cfg: RunConfig) -> None:
-    if not isinstance(cfg.input_model.model_path, str):
-        raise UserError(
-            "input_model.model_path",
-            "azureml_registry_model inputs cannot be fetched yet",
-            "download the model and give its folder, or a hub id",
-        )
-    source = cfg.input_model.source()
+    resolve_datastores(cfg)
+    for key in ("cache_dir", "output_dir"):
+        url = getattr(cfg.engine, key)
+        if is_url(url):
+            Remote(url, f"engine.{key}").check_container()
+    source = cfg.model_source()
     check_model_source(source, "input_model.model_path")
     adapter = cfg.input_model.adapter_path
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -45,7 +46,7 @@ def _check(cfg: RunConfig) -> None:
             check_training_args(settings, f"passes.{name}.training_args")
             for data_name in filter(None, (settings.train_data_config, settings.eval_data_config)):
                 check_data(*cfg.data_config(data_name))
-            if settings.target_modules:
+            if settings.target_modules and source.kind in ("local", "hub"):  # others: checked once fetched
                 if linear_names is None:
                     linear_names = linear_module_names(source.name, source.trust_remote_code)
                 try:
@@ -60,6 +61,24 @@ def _check(cfg: RunConfig) -> None:
                     "bf16 models do not run on the CPU execution provider",
                     "use int4, int8, fp16 or fp32 for cpu",
                 )
+
+
+def resolve_datastores(cfg: RunConfig) -> None:
+    """Point each `azureml_datastore` data file at its blob URL, through the workspace that owns it."""
+    for index, data in enumerate(cfg.data_configs):
+        load = data.load_dataset_config
+        files = load.data_files
+        if not isinstance(files, AzureMLDatastore):
+            continue
+        where = f"data_configs[{index}].load_dataset_config.data_files"
+        client = files.azureml_client or (
+            cfg.azureml_client.model_dump(exclude_none=True) if cfg.azureml_client else None
+        )
+        if not client:
+            raise UserError(f"{where}.azureml_client", "is required for an azureml_datastore", "or set azureml_client")
+        location = connect(client, f"{where}.azureml_client").datastore(files.datastore_name)
+        load.data_files = location.url(files.relative_path)
+        load.storage_options = {"account_name": location.account_name, **(load.storage_options or {})}
 
 
 def execution_provider(cfg: RunConfig, settings: ModelBuilderSettings) -> str:

@@ -8,21 +8,35 @@ from typing import Any
 
 from flows.config import RunConfig
 from tasks.artifact import Artifact
-from tasks.caching import publish_copy
+from tasks.caching import SOURCE_STAMP, publish_copy
+from tasks.storage import Remote, is_url, join
 
 
-def publish_outputs(outputs: dict[str, Artifact], output_dir: Path) -> dict[str, str]:
-    """Copy each finished output from the cache to its place in the output folder, whole or not at all."""
+def publish_outputs(outputs: dict[str, Artifact], output_dir: str) -> dict[str, str]:
+    """Copy each finished output from the cache to its place in the output folder (local or a URL)."""
+    remote = Remote(output_dir, "engine.output_dir") if is_url(output_dir) else None
     published = {}
     for name, artifact in outputs.items():
-        target = output_dir / name
-        publish_copy(Path(artifact.path), target, artifact.fingerprint)
-        published[name] = str(target)
+        if remote:
+            _upload_output(remote, Path(artifact.path), name, artifact.fingerprint)
+            published[name] = join(output_dir, name)
+        else:
+            publish_copy(Path(artifact.path), Path(output_dir) / name, artifact.fingerprint)
+            published[name] = str(Path(output_dir) / name)
     return published
 
 
+def _upload_output(remote: Remote, source: Path, name: str, stamp: str) -> None:
+    """Blob storage cannot rename a folder into place, so the stamp goes last: present means complete."""
+    marker = f"{name}/{SOURCE_STAMP}"
+    if remote.exists(marker) and remote.read_bytes(marker).decode() == stamp:
+        return
+    remote.upload_folder(source, name)
+    remote.write_bytes(marker, stamp.encode())
+
+
 def write_report(
-    cfg: RunConfig, record: list[dict[str, Any]], published: dict[str, str], output_dir: Path, seconds: float
+    cfg: RunConfig, record: list[dict[str, Any]], published: dict[str, str], output_dir: str, seconds: float
 ) -> dict[str, Any]:
     report = {
         "input_model": cfg.input_model.model_path,
@@ -32,10 +46,16 @@ def write_report(
         "cached_steps": [s["step"] for s in record if s.get("cached")],
         "total_seconds": round(seconds, 2),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output_dir / "report.json", json.dumps(report, indent=2, default=str))
     markdown = render_markdown(report)
-    _write_atomic(output_dir / "report.md", markdown)
+    texts = {"report.json": json.dumps(report, indent=2, default=str), "report.md": markdown}
+    if is_url(output_dir):
+        remote = Remote(output_dir, "engine.output_dir")
+        for name, text in texts.items():
+            remote.write_bytes(name, text.encode())
+    else:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            _write_atomic(Path(output_dir) / name, text)
     _prefect_artifact(markdown)
     return report
 

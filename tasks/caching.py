@@ -16,6 +16,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel
 
 from tasks.artifact import Artifact, hash_value
+from tasks.shared_cache import SharedCache
 
 # Libraries whose versions decide what a step produces; a new version is a cache miss.
 OUTPUT_LIBRARIES = (
@@ -28,6 +29,9 @@ OUTPUT_LIBRARIES = (
     "onnxruntime-genai",
 )
 
+
+# The file beside a published output that names the cache entry it was copied from.
+SOURCE_STAMP = ".olive-grove-source"
 
 # Inputs that only say where to point an error message; they change nothing a step produces.
 MESSAGE_ONLY_INPUTS = {"where"}
@@ -45,14 +49,21 @@ def library_versions() -> dict[str, str]:
 
 
 class StepContext(BaseModel):
-    """Where a step keeps its files; not part of any cache key, so moving the cache keeps its hits."""
+    """Where a step keeps its files; not part of any cache key, so moving the cache keeps its hits.
+
+    `cache_dir` is always a local folder; with a shared cache (`shared_url`) it is this machine's copy.
+    """
 
     cache_dir: str
+    shared_url: str | None = None
     retries: int = 0
     retry_delay_seconds: float = 30
 
     def folder(self, step: str, key: str) -> StepFolder:
         return StepFolder(Path(self.cache_dir) / "steps" / step / key)
+
+    def shared(self) -> SharedCache | None:
+        return SharedCache(self.shared_url, Path(self.cache_dir)) if self.shared_url else None
 
 
 def step_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
@@ -112,7 +123,7 @@ def publish_copy(source: Path, target: Path, stamp: str) -> None:
     A copy, not links: editing an output must never change the cache. `stamp` (the cache key) is
     written beside the files, and a target already stamped with it is left as it is.
     """
-    marker = target / ".olive-grove-source"
+    marker = target / SOURCE_STAMP
     if marker.is_file() and marker.read_text() == stamp:
         return
     target.parent.mkdir(parents=True, exist_ok=True)

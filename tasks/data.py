@@ -12,8 +12,11 @@ from tasks.artifact import hash_file, hash_value
 from tasks.collate import IGNORE_INDEX
 from tasks.errors import UserError
 from tasks.models import load_tokenizer
+from tasks.storage import fetch_files, file_fingerprint, filesystem, is_url, not_found, storage_error
 
 LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
+# Local copies of data files read from URLs, one folder per file content.
+DATA_COPIES = Path.home() / ".cache" / "olive-grove" / "data"
 
 
 class _Strict(BaseModel):
@@ -40,6 +43,11 @@ class LoadDatasetSettings(_Strict):
     subset: str | None = Field(None, description="the hub dataset's configuration name")
     data_dir: str | None = None
     trust_remote_code: bool = False
+    storage_options: dict[str, Any] | None = Field(
+        None,
+        exclude=True,  # may hold secrets: never printed, saved or part of a cache key
+        description="fsspec options for data_files URLs (Azure reads its credentials from the environment)",
+    )
 
     @field_validator("data_files", mode="before")
     @classmethod
@@ -154,19 +162,36 @@ def load_rows(config: DataConfig, where: str):
 
     load = config.load_dataset_config
     check_data_files(config, where)
+    data_files = local_data_files(load, f"{where}.load_dataset_config.data_files")
     try:
         return datasets.load_dataset(
-            load.data_name,
-            name=load.subset,
-            data_files=load.data_files,
-            data_dir=load.data_dir,
-            split=load.split,
+            load.data_name, name=load.subset, data_files=data_files, data_dir=load.data_dir, split=load.split
         )
     except Exception as exc:  # datasets raises many types for unreadable data; each is the data's fault
         cause = exc.__cause__ or exc
         raise UserError(
             f"{where}.load_dataset_config", f"could not load the dataset: {cause}".splitlines()[0]
         ) from None
+
+
+def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
+    """`data_files` with every URL replaced by local copies of the files it names, in the same shape."""
+
+    def local(files: str | list[str], where: str) -> str | list[str]:
+        if isinstance(files, str) and not is_url(files):
+            return files
+        paths = []
+        for file in [files] if isinstance(files, str) else files:
+            if is_url(file):
+                paths += [str(p) for p in fetch_files(file, where, load.storage_options, DATA_COPIES)]
+            else:
+                paths.append(file)
+        return paths
+
+    files = load.data_files
+    if isinstance(files, dict):
+        return {split: local(f, f"{where}.{split}") for split, f in files.items()}
+    return files if files is None else local(files, where)
 
 
 def check_text_columns(config: DataConfig, columns: list[str], where: str) -> None:
@@ -188,21 +213,37 @@ def check_data(config: DataConfig, where: str) -> None:
 
 
 def check_data_files(config: DataConfig, where: str) -> None:
-    _check_local_files(config.load_dataset_config.data_files, f"{where}.load_dataset_config.data_files")
+    """Every listed file or pattern matches something, local or behind a URL."""
+    load = config.load_dataset_config
+    where = f"{where}.load_dataset_config.data_files"
+    if isinstance(load.data_files, AzureMLDatastore):
+        raise UserError(where, "the azureml_datastore was not resolved to a URL", "run through grove or the flow")
+    for split, file in listed_files(load.data_files, where):
+        if is_url(file):
+            fs, path = filesystem(file, split, load.storage_options)
+            try:
+                found = fs.expand_path(path) if _is_pattern(path) else fs.exists(path)
+                if not found:
+                    raise not_found(fs, path, file, split)
+            except UserError:
+                raise
+            except Exception as exc:  # the backend's own error types: access denied, for one
+                raise storage_error(exc, file, split) from None
+        elif not _is_pattern(file) and not Path(file).exists():
+            raise UserError(split, f"no file at {file}", "give a path relative to the config file, or a URI")
 
 
-def _check_local_files(data_files: Any, where: str) -> None:
+def listed_files(data_files: Any, where: str) -> list[tuple[str, str]]:
+    """(where, file) for each file or pattern of `data_files`, whatever shape Olive allows it in."""
     if data_files is None:
-        return
-    if isinstance(data_files, AzureMLDatastore):
-        raise UserError(where, "azureml_datastore data cannot be read yet", "use an az:// URI or a local file")
+        return []
     if isinstance(data_files, dict):
-        for split, files in data_files.items():
-            _check_local_files(files, f"{where}.{split}")
-        return
-    for file in [data_files] if isinstance(data_files, str) else data_files:
-        if "://" not in file and not any(c in file for c in "*?[") and not Path(file).exists():
-            raise UserError(where, f"no file at {file}", "give a path relative to the config file, or a URI")
+        return [item for split, files in data_files.items() for item in listed_files(files, f"{where}.{split}")]
+    return [(where, f) for f in ([data_files] if isinstance(data_files, str) else data_files)]
+
+
+def _is_pattern(path: str) -> bool:
+    return any(c in path for c in "*?[")
 
 
 def tokenize_rows(texts: list[str], tokenizer, settings: TextSettings) -> dict[str, list[list[int]]]:
@@ -333,24 +374,18 @@ def fingerprint_data(config: DataConfig) -> str:
     """What the data files hold, split by split: local files by their bytes, remote ones by ETag and size.
 
     Patterns are expanded first, so editing, adding or removing a matched file changes the fingerprint.
+    Remote files are only listed here; `datasets` downloads them once, keyed by the same ETag.
     """
-    import fsspec
-
     load = config.load_dataset_config
     files = load.data_files
     splits = files if isinstance(files, dict) else {"": files}
     found: dict[str, list[str]] = {}
     for split, patterns in splits.items():
         for pattern in [patterns] if isinstance(patterns, str) else list(patterns or []):
-            fs, path = fsspec.core.url_to_fs(pattern)
-            for name in sorted(fs.expand_path(path)) if fs.exists(path) or any(c in path for c in "*?[") else []:
-                if fs.isfile(name):
-                    found.setdefault(split, []).append(_file_fingerprint(fs, name))
+            fs, path = filesystem(pattern, "data_files", load.storage_options)
+            for name in sorted(fs.expand_path(path)) if fs.exists(path) or _is_pattern(path) else []:
+                info = fs.info(name)
+                if info["type"] == "file":
+                    local = "file" in fs.protocol  # by content, so moving the project keeps its cache hits
+                    found.setdefault(split, []).append(hash_file(Path(name)) if local else file_fingerprint(info))
     return hash_value({"load": load.model_dump(mode="json", exclude={"data_files"}), "files": found})
-
-
-def _file_fingerprint(fs, name: str) -> str:
-    if "file" in fs.protocol:
-        return hash_file(Path(name))  # by content, so moving the project keeps its cache hits
-    info = fs.info(name)
-    return f"{info.get('etag') or info.get('ETag') or info.get('mtime') or ''}:{info.get('size')}"

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.artifact import Artifact, hash_files, hash_value, read_memo, write_memo
+from tasks.azureml import connect, find_model_folder
 from tasks.errors import UserError
+from tasks.storage import Remote, file_fingerprint, is_url
 
 # Answers that cost seconds to compute and depend only on what is installed and the model's config.
 NAMES_MEMO = Path.home() / ".cache" / "olive-grove"
@@ -20,23 +26,44 @@ MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "
 
 
 class ModelSource(BaseModel):
-    """A base model named by the config: a local folder or a Hugging Face hub id."""
+    """A base model named by the config: a local folder, a folder URL, an Azure ML registry model or a hub id."""
 
     name: str
     revision: str | None = None
     trust_remote_code: bool = False
+    registry_name: str | None = Field(None, description="set for an Azure ML registry model")
+    version: str | None = None
+    azureml_client: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> Literal["local", "url", "azureml", "hub"]:
+        if self.registry_name:
+            return "azureml"
+        if is_url(self.name):
+            return "url"
+        return "local" if Path(self.name).is_dir() else "hub"
 
     @property
     def is_local(self) -> bool:
-        return Path(self.name).is_dir()
+        return self.kind == "local"
 
 
 def check_model_source(source: ModelSource, where: str) -> None:
-    if source.is_local:
+    if source.kind == "local":
         if not (Path(source.name) / "config.json").exists():
             raise UserError(where, f"{source.name} has no config.json", "point it at a Hugging Face model folder")
+    elif source.kind == "url":
+        if not Remote(source.name, where).exists("config.json"):
+            raise UserError(where, f"{source.name} has no config.json", "point it at a Hugging Face model folder")
+    elif source.kind == "azureml":
+        connect(source.azureml_client, where)  # the Azure ML client library is there
     elif not HUB_ID.match(source.name):
         raise UserError(where, f"no folder {source.name}, and it is not a hub id", "give a model folder or org/name")
+
+
+def model_cache() -> Path:
+    """Where base models fetched from URLs and Azure ML registries are kept (OLIVE_GROVE_MODEL_CACHE moves it)."""
+    return Path(os.environ.get("OLIVE_GROVE_MODEL_CACHE") or NAMES_MEMO / "models")
 
 
 def model_files(root: Path) -> list[str]:
@@ -45,11 +72,19 @@ def model_files(root: Path) -> list[str]:
 
 
 def resolve_model(source: ModelSource, memo: Path | None = None) -> Artifact:
-    """Fingerprint a base model: a local folder by its files' bytes, a hub model by its commit."""
-    if source.is_local:
+    """Fingerprint a base model, fetched into a local folder once: steps always load local files.
+
+    A local folder counts by its files' bytes, a URL by its blobs' ETags, a registry model by its
+    (immutable) name and version, a hub model by its commit.
+    """
+    if source.kind == "local":
         root = Path(source.name).resolve()
         fingerprint = hash_files(root, model_files(root), memo=memo)
         return Artifact(kind="model", path=str(root), fingerprint=fingerprint, metadata={"source": "local"})
+    if source.kind == "url":
+        return _fetch_url(source)
+    if source.kind == "azureml":
+        return _fetch_registry_model(source)
     # Steps load the downloaded folder, so the revision fingerprinted is the one trained on.
     folder = _download(source)
     commit = Path(folder).name  # the hub cache keeps each snapshot under its commit hash
@@ -58,6 +93,43 @@ def resolve_model(source: ModelSource, memo: Path | None = None) -> Artifact:
         path=folder,
         fingerprint=f"hub:{source.name}@{commit}",
         metadata={"source": "hub", "model": source.name, "revision": commit},
+    )
+
+
+def _fetch_url(source: ModelSource) -> Artifact:
+    """A model folder behind a URL: listed (names, ETags), downloaded into the model cache once per content."""
+    remote = Remote(source.name, "input_model.model_path")
+    listing = remote.listing("")
+    names = sorted(n for n in listing if "/" not in n and any(fnmatch.fnmatch(n, p) for p in MODEL_FILE_PATTERNS))
+    if "config.json" not in names:
+        raise UserError("input_model.model_path", f"{source.name} has no config.json", "point it at a model folder")
+    fingerprint = hash_value({n: file_fingerprint(listing[n]) for n in names})
+    folder = model_cache() / "url" / fingerprint
+    if not folder.is_dir():
+        remote.download_folder("", folder, names)
+    return Artifact(kind="model", path=str(folder), fingerprint=f"url:{fingerprint}",
+                    metadata={"source": "url", "model": source.name})  # fmt: skip
+
+
+def _fetch_registry_model(source: ModelSource) -> Artifact:
+    """An Azure ML registry model, downloaded once: a registered version never changes."""
+    where = "input_model.model_path"
+    version = str(source.version)
+    folder = model_cache() / "azureml" / str(source.registry_name) / source.name.replace("/", "--") / version
+    if not folder.is_dir():
+        staged = folder.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            connect(source.azureml_client, where).download_model(
+                str(source.registry_name), source.name, version, staged
+            )
+            staged.rename(folder)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return Artifact(
+        kind="model",
+        path=str(find_model_folder(folder, where)),
+        fingerprint=f"azureml:{source.registry_name}/{source.name}:{version}",
+        metadata={"source": "azureml", "model": source.name, "registry": source.registry_name, "version": version},
     )
 
 

@@ -27,11 +27,15 @@ class StepCachePolicy(CachePolicy):
     """Prefect cache key = our content key, so a hit means same code, settings, inputs and libraries."""
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters, **kwargs) -> str:
-        name = task_ctx.task.name
-        return step_key(name, CODE_VERSIONS[name], inputs)
+        return cache_key(task_ctx.task, inputs)
 
 
 STEP_CACHE = StepCachePolicy()
+
+
+def cache_key(step: Task, inputs: dict[str, Any]) -> str | None:
+    """The key a cached step's result is kept under (None for steps that are never cached)."""
+    return step_key(step.name, CODE_VERSIONS[step.name], inputs) if step.name in CODE_VERSIONS else None
 
 
 def configure_step(step: Task, ctx: StepContext) -> Task:
