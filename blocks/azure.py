@@ -1,7 +1,8 @@
 """Azure Storage credentials: the standard environment first, else prefect-azure's block 'azure-storage'.
 
 adlfs reads the environment itself; the block's values are handed to it through the same variables, in
-this process only, so they reach no parameter, log line, cache key, result or file.
+this process (and the training processes it starts) only, so they reach no parameter, log line, cache
+key, result or file.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ ENV_CREDENTIALS = (
 )
 
 
+_exported_from: set[str] = set()  # blocks whose values this process already exported
+
+
 def use_azure_storage(block_name: str = AZURE_STORAGE_BLOCK) -> bool:
-    """Export the block's credentials when the environment has none; True if the block was used."""
+    """Export the block's credentials when the environment has none; True if the block's are in use."""
+    if block_name in _exported_from:
+        return True
     if any(os.environ.get(name) for name in ENV_CREDENTIALS):
         return False
     from prefect_azure import AzureBlobStorageCredentials
@@ -41,6 +47,7 @@ def use_azure_storage(block_name: str = AZURE_STORAGE_BLOCK) -> bool:
             value = getattr(block, field)
             if value:
                 os.environ[name] = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    _exported_from.add(block_name)
     return True
 
 

@@ -131,7 +131,7 @@ def checked_config(args: argparse.Namespace):
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
-    use_credentials(cfg, lambda *_: None)  # the flow logs where its credentials came from
+    use_credentials(cfg, lambda *_: None)  # the flow logs where its credentials came from, to its run log
     check_before_work(cfg)
     return options, cfg, notes
 

@@ -247,6 +247,12 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item}", "expected KEY=VALUE", "for example passes.lora.training_args.max_steps=5")
+        if "storage_options" in key.split("."):
+            raise UserError(
+                f"--set {key}",
+                "storage options may hold secrets, and overrides are kept with the run's parameters",
+                "put them in the config file or the environment",
+            )
         *parents, leaf = key.split(".")
         node: Any = cfg
         for part in parents:

@@ -23,9 +23,10 @@ from tasks.adapters import LoRASettings
 from tasks.artifact import Artifact, hash_files
 from tasks.caching import StepContext
 from tasks.data import fingerprint_data
+from tasks.errors import UserError
 from tasks.merge import MergeSettings
 from tasks.onnx_build import ModelBuilderSettings
-from tasks.shared_cache import local_copy_of
+from tasks.shared_cache import SharedCache, local_copy_of
 from tasks.storage import is_url
 
 
@@ -48,8 +49,8 @@ def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artif
             artifact = artifact.model_copy(update={"path": str(here)})
         else:
             artifact, cached = step.with_options(refresh_cache=True)(**kwargs), False
-    if key and shared and shared.share(task.name, artifact.fingerprint, Path(artifact.path)):
-        get_run_logger().info("%s: shared through %s", label, shared.remote.url)
+    if key and shared:
+        _share(shared, task.name, artifact, label)
     record.append(
         {
             "step": label,
@@ -63,6 +64,16 @@ def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artif
     if cached:
         get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
     return artifact
+
+
+def _share(shared: SharedCache, step: str, artifact: Artifact, label: str) -> None:
+    """Upload a finished step to the shared cache; failing to share costs other machines a recompute, not
+    this run its result."""
+    try:
+        if shared.share(step, artifact.fingerprint, Path(artifact.path)):
+            get_run_logger().info("%s: shared through %s", label, shared.remote.url)
+    except UserError as exc:
+        get_run_logger().warning("%s: not shared: %s", label, exc.line())
 
 
 def _prepare(record, label: str, cfg: RunConfig, data_name: str, model: Artifact, split, seed, ctx) -> Artifact:

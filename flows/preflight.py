@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flows.config import RunConfig
@@ -77,8 +78,21 @@ def resolve_datastores(cfg: RunConfig) -> None:
         if not client:
             raise UserError(f"{where}.azureml_client", "is required for an azureml_datastore", "or set azureml_client")
         location = connect(client, f"{where}.azureml_client").datastore(files.datastore_name)
+        check_account(location.account_name, where)
         load.data_files = location.url(files.relative_path)
         load.storage_options = {"account_name": location.account_name, **(load.storage_options or {})}
+
+
+def check_account(account: str, where: str) -> None:
+    """A connection string in the environment names one account, and adlfs prefers it to any other."""
+    text = os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "")
+    named = dict(p.split("=", 1) for p in text.split(";") if "=" in p).get("AccountName")
+    if named and named != account:
+        raise UserError(
+            where,
+            f"the datastore is in storage account '{account}', AZURE_STORAGE_CONNECTION_STRING is for '{named}'",
+            "unset it to use your Azure login, or give that account's connection string",
+        )
 
 
 def execution_provider(cfg: RunConfig, settings: ModelBuilderSettings) -> str:

@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +60,22 @@ class LoRASettings(BaseModel):
     torch_dtype: DTYPES = Field("bfloat16", description="dtype of the frozen base weights")
     training_args: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments")
     fused_kernels: bool = Field(True, description="olive-grove: Liger Kernel's fused layers and loss on CUDA")
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="olive-grove: data-parallel training processes, one per GPU; auto: every GPU of the worker",
+    )
     micro_batch_size: int | Literal["auto"] | None = Field(
         "auto",
         description="olive-grove: samples per forward pass, keeping the effective batch; auto: the most that "
         "fits on the GPU; null: per_device_train_batch_size as configured",
     )
+
+    @field_validator("processes")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise UserError("processes", f"must be at least 1 (got {value})", "or auto: one per GPU")
+        return value
 
     @field_validator("training_args")
     @classmethod
@@ -78,7 +90,8 @@ class LoRASettings(BaseModel):
 
     def cache_view(self) -> dict[str, Any]:
         """The settings that decide the adapter; the data is in the dataset's fingerprint, not its name."""
-        return self.model_dump(mode="json", exclude={"train_data_config", "eval_data_config"})
+        # `processes` only spreads the same steps over GPUs, like micro_batch_size splits them in time.
+        return self.model_dump(mode="json", exclude={"train_data_config", "eval_data_config", "processes"})
 
     @property
     def seed(self) -> int:
@@ -134,7 +147,7 @@ def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
     )
-    device_map = {"": 0} if has_cuda() else {"": "cpu"}
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}  # a GPU per process
     model = load_causal_lm(
         model_path,
         settings.compute_dtype,
@@ -173,6 +186,7 @@ def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bo
         "save_steps": 50,
         "save_total_limit": 2,
         "logging_steps": 10,
+        "ddp_find_unused_parameters": False,  # the frozen base has no gradients to wait for
         **settings.training_args,
         "output_dir": str(checkpoint_dir),
         "report_to": "none",
@@ -258,6 +272,8 @@ def train_adapter(
         log(f"resuming training from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
+    if not trainer.is_world_process_zero():
+        return metrics  # data parallel: process 0 evaluates and saves
     if eval_set is not None:  # token-weighted, as the merge step measures the merged model
         metrics["eval_loss"] = heldout_loss(model, eval_dir, tokenizer.pad_token_id)
     if isinstance(settings, QLoRASettings):
@@ -271,6 +287,7 @@ def train_adapter(
     metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics["train_samples"] = len(train_set)
     metrics["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
+    metrics["processes"] = trainer.args.world_size
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 

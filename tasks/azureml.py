@@ -63,19 +63,24 @@ class AzureMLWorkspace:
         except UserError:
             raise
         except Exception as exc:  # azure-ai-ml raises service errors of many types
-            raise UserError(self._where, f"datastore {name!r}: {exc}".splitlines()[0]) from None
+            raise _service_error(self._where, f"datastore {name!r}", exc) from None
         if not getattr(store, "container_name", None):
             raise UserError(self._where, f"datastore {name!r} is not a blob container", "use a blob datastore")
         return BlobLocation(account_name=store.account_name, container=store.container_name)
 
     def download_model(self, registry_name: str, name: str, version: str, target: Path) -> None:
-        registry = self._ml_client(self._credential, registry_name=registry_name)
-        try:
+        try:  # the client looks the registry up as it is made: sign-in failures surface here too
+            registry = self._ml_client(self._credential, registry_name=registry_name)
             registry.models.download(name=name, version=version, download_path=str(target))
         except Exception as exc:  # not found, no access, network: all mean this model cannot be had
-            raise UserError(
-                self._where, f"registry model {registry_name}/{name}:{version}: {exc}".splitlines()[0]
-            ) from None
+            raise _service_error(self._where, f"registry model {registry_name}/{name}:{version}", exc) from None
+
+
+def _service_error(where: str, what: str, exc: Exception) -> UserError:
+    text = f"{what}: {exc}".splitlines()[0]
+    if "credential" in text.lower():
+        return UserError(where, text, "sign in with az login, a managed identity or AZURE_CLIENT_ID/_SECRET/TENANT_ID")
+    return UserError(where, text)
 
 
 def connect(client: dict[str, Any] | None, where: str) -> AzureML:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -12,11 +13,9 @@ from tasks.artifact import hash_file, hash_value
 from tasks.collate import IGNORE_INDEX
 from tasks.errors import UserError
 from tasks.models import load_tokenizer
-from tasks.storage import fetch_files, file_fingerprint, filesystem, is_url, not_found, storage_error
+from tasks.storage import fetch_files, file_fingerprint, filesystem, is_pattern, is_url, not_found, storage_error
 
 LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
-# Local copies of data files read from URLs, one folder per file content.
-DATA_COPIES = Path.home() / ".cache" / "olive-grove" / "data"
 
 
 class _Strict(BaseModel):
@@ -174,6 +173,11 @@ def load_rows(config: DataConfig, where: str):
         ) from None
 
 
+def data_copies() -> Path:
+    """Local copies of data files read from URLs, one folder per file content (OLIVE_GROVE_DATA_CACHE moves it)."""
+    return Path(os.environ.get("OLIVE_GROVE_DATA_CACHE") or Path.home() / ".cache" / "olive-grove" / "data")
+
+
 def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
     """`data_files` with every URL replaced by local copies of the files it names, in the same shape."""
 
@@ -183,7 +187,7 @@ def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
         paths = []
         for file in [files] if isinstance(files, str) else files:
             if is_url(file):
-                paths += [str(p) for p in fetch_files(file, where, load.storage_options, DATA_COPIES)]
+                paths += [str(p) for p in fetch_files(file, where, load.storage_options, data_copies())]
             else:
                 paths.append(file)
         return paths
@@ -218,19 +222,19 @@ def check_data_files(config: DataConfig, where: str) -> None:
     where = f"{where}.load_dataset_config.data_files"
     if isinstance(load.data_files, AzureMLDatastore):
         raise UserError(where, "the azureml_datastore was not resolved to a URL", "run through grove or the flow")
-    for split, file in listed_files(load.data_files, where):
+    for file_where, file in listed_files(load.data_files, where):
         if is_url(file):
-            fs, path = filesystem(file, split, load.storage_options)
+            fs, path = filesystem(file, file_where, load.storage_options)
             try:
-                found = fs.expand_path(path) if _is_pattern(path) else fs.exists(path)
+                found = fs.expand_path(path) if is_pattern(path) else fs.exists(path)
                 if not found:
-                    raise not_found(fs, path, file, split)
+                    raise not_found(fs, path, file, file_where)
             except UserError:
                 raise
             except Exception as exc:  # the backend's own error types: access denied, for one
-                raise storage_error(exc, file, split) from None
-        elif not _is_pattern(file) and not Path(file).exists():
-            raise UserError(split, f"no file at {file}", "give a path relative to the config file, or a URI")
+                raise storage_error(exc, file, file_where) from None
+        elif not is_pattern(file) and not Path(file).exists():
+            raise UserError(file_where, f"no file at {file}", "give a path relative to the config file, or a URI")
 
 
 def listed_files(data_files: Any, where: str) -> list[tuple[str, str]]:
@@ -240,10 +244,6 @@ def listed_files(data_files: Any, where: str) -> list[tuple[str, str]]:
     if isinstance(data_files, dict):
         return [item for split, files in data_files.items() for item in listed_files(files, f"{where}.{split}")]
     return [(where, f) for f in ([data_files] if isinstance(data_files, str) else data_files)]
-
-
-def _is_pattern(path: str) -> bool:
-    return any(c in path for c in "*?[")
 
 
 def tokenize_rows(texts: list[str], tokenizer, settings: TextSettings) -> dict[str, list[list[int]]]:
@@ -374,7 +374,7 @@ def fingerprint_data(config: DataConfig) -> str:
     """What the data files hold, split by split: local files by their bytes, remote ones by ETag and size.
 
     Patterns are expanded first, so editing, adding or removing a matched file changes the fingerprint.
-    Remote files are only listed here; `datasets` downloads them once, keyed by the same ETag.
+    Remote files are only listed here; `local_data_files` downloads each once, keyed by the same ETag.
     """
     load = config.load_dataset_config
     files = load.data_files
@@ -383,7 +383,7 @@ def fingerprint_data(config: DataConfig) -> str:
     for split, patterns in splits.items():
         for pattern in [patterns] if isinstance(patterns, str) else list(patterns or []):
             fs, path = filesystem(pattern, "data_files", load.storage_options)
-            for name in sorted(fs.expand_path(path)) if fs.exists(path) or _is_pattern(path) else []:
+            for name in sorted(fs.expand_path(path)) if fs.exists(path) or is_pattern(path) else []:
                 info = fs.info(name)
                 if info["type"] == "file":
                     local = "file" in fs.protocol  # by content, so moving the project keeps its cache hits

@@ -122,7 +122,11 @@ def _fetch_registry_model(source: ModelSource) -> Artifact:
             connect(source.azureml_client, where).download_model(
                 str(source.registry_name), source.name, version, staged
             )
-            staged.rename(folder)
+            try:
+                staged.rename(folder)
+            except OSError:
+                if not folder.is_dir():
+                    raise  # else a concurrent run fetched the same version first
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     return Artifact(

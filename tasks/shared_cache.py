@@ -56,6 +56,7 @@ class SharedCache:
         record = self._record(key)
         if not record.is_file() or self.remote.exists(f"results/{key}"):
             return False
-        self.remote.upload_folder(folder, f"steps/{step}/{key}")
+        # Never removing first: a twin that uploads the same key must not empty files a record vouches for.
+        self.remote.upload_folder(folder, f"steps/{step}/{key}", replace=False)
         self.remote.upload_file(record, f"results/{key}")
         return True

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,29 +32,42 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
             args["use_liger_kernel"] = True
         elif torch.cuda.is_available():
             log("fused kernels: liger-kernel is not installed (pip install liger-kernel); training without")
-    if settings.micro_batch_size is not None:
-        training = settings.training_args
-        effective = int(training.get("per_device_train_batch_size", 8)) * int(
-            training.get("gradient_accumulation_steps", 1)
-        )
-        if settings.micro_batch_size == "auto":
-            micro = largest_micro_batch(model, effective, max_len) if torch.cuda.is_available() else None
-        else:
-            micro = settings.micro_batch_size
-        if micro:
-            if effective % micro:
-                micro = max(d for d in range(1, micro + 1) if effective % d == 0)
-            args["per_device_train_batch_size"] = micro
-            args["gradient_accumulation_steps"] = effective // micro
-            log(f"micro-batch {micro} x {effective // micro} accumulation steps (effective batch {effective})")
+    training = settings.training_args
+    effective = effective_batch(settings)
+    share = effective // world_size()  # the launcher chose a process count that divides the batch
+    micro = None
+    if settings.micro_batch_size == "auto":
+        micro = largest_micro_batch(model, share, max_len) if torch.cuda.is_available() else None
+    elif settings.micro_batch_size is not None:
+        micro = settings.micro_batch_size
+    elif world_size() > 1:
+        micro = int(training.get("per_device_train_batch_size", 8))
+    if micro:
+        micro = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+        args["per_device_train_batch_size"] = micro
+        args["gradient_accumulation_steps"] = share // micro
+        log(f"micro-batch {micro} x {share // micro} accumulation steps (effective batch {effective})")
     return args
+
+
+def effective_batch(settings: Any) -> int:
+    """Samples per optimizer step, as the config says (per-device batch x accumulation, on one device)."""
+    args = settings.training_args
+    return int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
+
+
+def world_size() -> int:
+    """Processes training together (torchrun sets WORLD_SIZE); each takes its share of every batch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def largest_micro_batch(model, effective: int, max_len: int) -> int:
     """Try forward and backward passes of full-length samples, from the whole effective batch down."""
     import torch
 
-    device = next(p for p in model.parameters()).device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if next(model.parameters()).device != device:  # loaded on the CPU: the Trainer would move it there anyway
+        model.to(device)
     budget = torch.cuda.get_device_properties(device).total_memory * MEMORY_HEADROOM
     vocab = model.config.vocab_size
     for micro in (d for d in range(effective, 0, -1) if effective % d == 0):
@@ -69,5 +83,17 @@ def largest_micro_batch(model, effective: int, max_len: int) -> int:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         if fits:
-            return micro
+            return _smallest_of_all_processes(micro)
     return 1
+
+
+def _smallest_of_all_processes(micro: int) -> int:
+    """Data-parallel processes must agree on one micro-batch: the one that fits on every GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return micro
+    value = torch.tensor([micro], device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())

@@ -13,11 +13,11 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.transactions import IsolationLevel, get_transaction
 
-from tasks import adapters, data, merge, onnx_build
+from tasks import adapters, data, data_parallel, merge, onnx_build
 from tasks.artifact import Artifact
 from tasks.caching import LiveHolderLockManager, StepContext, step_key
 from tasks.errors import UserError
-from tasks.models import ModelSource, resolve_model
+from tasks.models import ModelSource, linear_module_names, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
 CODE_VERSIONS = {"prepare_dataset": "2", "train_adapter": "8", "merge_adapter": "3", "build_onnx_model": "1"}
@@ -125,10 +125,12 @@ def train_adapter_task(
         if loss is not None and step % 10 == 0:
             logger.info("step %d/%d loss %.4f", step, total, loss)
 
+    if settings.target_modules:  # checked before the run for local and hub models; others are here now
+        adapters.check_target_modules(settings, linear_module_names(model.path, trust_remote_code))
     eval_dir = Path(eval_dataset.path) / "train" if eval_dataset else Path(dataset.path) / "eval"
     eval_dir = eval_dir if eval_dir.exists() else None
     staged = folder.staging()
-    metrics = adapters.train_adapter(
+    metrics = data_parallel.train(
         settings,
         model.path,
         Path(dataset.path),

@@ -136,27 +136,28 @@ class Remote:
                 [self.path(relative, n) for n in names],
                 [str(staged / n) for n in names],
             )
-            if target.exists():
-                shutil.rmtree(staged)  # a concurrent download finished first
-            else:
+            try:
                 staged.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise  # else a concurrent download finished first, with the same files
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return target
 
-    def upload_folder(self, source: Path, relative: str) -> None:
-        """Copy a folder's files up, replacing what was there. Not atomic: callers write a marker last."""
-        if self.exists(relative):
+    def upload_folder(self, source: Path, relative: str, replace: bool = True) -> None:
+        """Copy a folder's files up (first removing what was there, if `replace`). Not atomic: callers write
+        a marker last."""
+        if replace and self.exists(relative):
             self._call(relative, self.fs.rm, self.path(relative), recursive=True)
         files = sorted(p for p in source.rglob("*") if p.is_file())
         if files:
             names = [p.relative_to(source).as_posix() for p in files]
             self._call(relative, self.fs.put, [str(p) for p in files], [self.path(relative, n) for n in names])
 
-    def fingerprint(self, relative: str) -> str:
-        """What a remote file holds, from its metadata (ETag and size): nothing is downloaded."""
-        info = self._call(relative, self.fs.info, self.path(relative))
-        return file_fingerprint(info)
+
+def is_pattern(path: str) -> bool:
+    return any(c in path for c in "*?[")
 
 
 def file_fingerprint(info: dict[str, Any]) -> str:
@@ -172,7 +173,7 @@ def fetch_files(pattern: str, where: str, storage_options: dict[str, Any] | None
     """
     fs, path = filesystem(pattern, where, storage_options)
     try:
-        names = sorted(fs.expand_path(path)) if any(c in path for c in "*?[") else [path]
+        names = sorted(fs.expand_path(path)) if is_pattern(path) else [path]
         copies = []
         for name in names:
             info = fs.info(name)
@@ -182,12 +183,14 @@ def fetch_files(pattern: str, where: str, storage_options: dict[str, Any] | None
             if not copy.is_file():
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 tmp = copy.with_name(f".{copy.name}.tmp-{uuid.uuid4().hex[:8]}")
-                fs.get_file(name, str(tmp))
-                tmp.replace(copy)
+                try:
+                    fs.get_file(name, str(tmp))
+                    tmp.replace(copy)
+                finally:
+                    tmp.unlink(missing_ok=True)
             copies.append(copy)
     except Exception as exc:  # the backend's own errors: no container or blob, access denied
         raise storage_error(exc, pattern, where) from None
     if not copies:
         raise not_found(fs, path, pattern, where)
     return copies
-

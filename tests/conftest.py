@@ -24,6 +24,8 @@ os.environ.pop("PREFECT_API_URL", None)  # never a real server
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded, ever
+for _cache in ("DATA", "MODEL", "LOCAL"):  # copies of blobs, fetched models, shared-cache copies
+    os.environ[f"OLIVE_GROVE_{_cache}_CACHE"] = str(_SESSION_HOME / f"olive-grove-{_cache.lower()}")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"

@@ -57,7 +57,7 @@ def test_remote_data_is_fingerprinted_by_metadata_and_downloaded_once(tmp_path, 
     config = DataConfig.model_validate(
         {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": [f"az://{data}/train.jsonl"]}}
     )
-    monkeypatch.setattr("tasks.data.DATA_COPIES", tmp_path / "copies")
+    monkeypatch.setenv("OLIVE_GROVE_DATA_CACHE", str(tmp_path / "copies"))
     before = fingerprint_data(config)
     assert not (tmp_path / "copies").exists()  # fingerprinting downloads nothing
     [copy] = local_data_files(config.load_dataset_config, "data_files")
@@ -139,7 +139,7 @@ def test_a_model_folder_url_is_fetched_once_and_trained_on(tmp_path, tiny_phi3, 
     [
         ("no credentials", "data_files: az://{data}/train.jsonl: no storage credentials"),
         ("wrong key", "data_files: az://{data}/train.jsonl: access denied"),
-        ("no container", "data_files: az://missing-container/train.jsonl: no such container"),
+        ("no container", "data_files: az://missing-container/train.jsonl: no such container 'missing-container'"),
         ("no blob", "data_files: az://{data}/absent.jsonl: no such blob or file"),
         ("no cache container", "error: cache_dir: az://missing-cache/olive: no such container 'missing-cache'"),
     ],
@@ -154,7 +154,7 @@ def test_storage_mistakes_are_one_line_naming_the_uri(tmp_path, tiny_phi3, azure
         cfg["cache_dir"] = "az://missing-cache/olive"
     if case == "no credentials":
         monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
-        monkeypatch.setattr("blocks.azure.use_azure_storage", lambda: False)
+        monkeypatch.setattr("flows.finetune.use_azure_storage", lambda: False)  # nor a block
     if case == "wrong key":
         monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_storage.connection_string("d3Jvbmc="))
     config = write_project(tmp_path, cfg)

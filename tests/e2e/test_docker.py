@@ -122,7 +122,13 @@ def test_dockerfile_parses_and_matches_the_deployments():
         assert pull["directory"] == IMAGE_HOME
     assert [c.value[0] for c in worker if c.cmd == "WORKDIR"] == [IMAGE_HOME]
     runs = " ".join(c.value[0] for c in worker if c.cmd == "RUN")
-    for needed in ("torch==", "pip install .", "onnxruntime-genai-cuda", "prefect-docker", "prefect-kubernetes"):
+    for needed in (
+        "torch==",
+        'pip install ".[azureml]"',
+        "onnxruntime-genai-cuda",
+        "prefect-docker",
+        "prefect-kubernetes",
+    ):
         assert needed in runs
     cmd = next(c for c in worker if c.cmd == "CMD").value
     assert list(cmd[:3]) == ["prefect", "worker", "start"]

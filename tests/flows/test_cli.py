@@ -137,7 +137,7 @@ BAD_INPUTS = {
     "passes-not-a-mapping": (_set("passes", [{"type": "LoRA"}]), False,
                              "passes: Input should be a valid dictionary"),
     "remote-cache-no-credentials": (_set("cache_dir", "az://container/cache"), False,
-                                    "engine.cache_dir: az://container/cache: no storage credentials"),
+                                    "cache_dir: az://container/cache: no storage credentials"),  # as written: flat
     "training-arg-value": (_set("passes/lora/training_args/learning_rate", "fast"), False,
                            "passes.lora.training_args.learning_rate: Input should be a valid number"),
     "training-arg-choice": (_set("passes/lora/training_args/eval_strategy", "often"), False,

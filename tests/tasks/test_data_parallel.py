@@ -1,0 +1,67 @@
+"""Data-parallel training launched by the training step: torchrun processes on CPU (gloo), the same
+optimizer steps on the same samples as one process, so the adapters match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grove_helpers import LLAMA_MODULES, TRAINING_ARGS
+from safetensors.torch import load_file
+
+from tasks import data_parallel
+from tasks.adapters import LoRASettings
+
+
+def settings(processes: int | str, **args) -> LoRASettings:
+    return LoRASettings.model_validate(
+        {
+            "train_data_config": "tone",
+            "target_modules": LLAMA_MODULES,
+            "r": 4,
+            "alpha": 8,
+            "lora_dropout": 0.0,
+            "torch_dtype": "float32",
+            "processes": processes,
+            "micro_batch_size": None,
+            "training_args": {**TRAINING_ARGS, "learning_rate": 0.01, "max_steps": 3,
+                              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, **args},
+        }
+    )  # fmt: skip
+
+
+def test_process_count_splits_the_effective_batch_evenly(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert data_parallel.process_count(settings(4)) == 4  # 2 x 2 samples per optimizer step
+    assert data_parallel.process_count(settings(3)) == 2  # 3 does not divide 4
+    assert data_parallel.process_count(settings("auto")) == 1  # no GPU: one process
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    assert data_parallel.process_count(settings("auto")) == 2  # 3 GPUs, but 4 samples split evenly over 2
+    assert data_parallel.process_count(settings(8)) == 2  # never more processes than GPUs
+
+
+def test_two_processes_train_the_same_adapter_as_one(tiny_llama: Path, llama_dataset: Path, tmp_path: Path):
+    progress: list[tuple[int, int]] = []
+    logged: list[str] = []
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"adapter-{processes}"
+        metrics = data_parallel.train(
+            settings(processes),
+            str(tiny_llama),
+            llama_dataset,
+            tmp_path / f"checkpoints-{processes}",
+            out,
+            on_progress=lambda step, total, loss: progress.append((step, total)),
+            log=logged.append,
+            eval_dir=llama_dataset / "eval",
+        )
+        results[processes] = (metrics, load_file(out / "adapter_model.safetensors"))
+    (one, weights_one), (two, weights_two) = results[1], results[2]
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["steps"] == one["steps"] == 3
+    assert two["micro_batch"] == [2, 1]  # each process takes half of every 4-sample batch
+    assert progress[-1] == (3, 3)  # process 0's progress reached the launching step
+    assert any(line.startswith("data parallel: 2 processes") for line in logged)
+    assert abs(two["eval_loss"] - one["eval_loss"]) < 1e-3
+    for name, tensor in weights_one.items():
+        assert (weights_two[name] - tensor).abs().max() < 1e-4, name
