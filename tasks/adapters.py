@@ -20,6 +20,7 @@ from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
 from tasks.evaluate import heldout_loss
 from tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
+from tasks.speed import world_size
 
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
@@ -197,7 +198,11 @@ def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bo
     if not has_cuda():
         args["use_cpu"] = True
         args.pop("bf16", None), args.pop("fp16", None)
-    return TrainingArguments(**args)
+    arguments = TrainingArguments(**args)
+    if has_cuda() and world_size() == 1:
+        _ = arguments.device  # one process trains on one GPU: several are `processes`' job, not nn.DataParallel's
+        arguments._n_gpu = 1
+    return arguments
 
 
 def build_trainer(

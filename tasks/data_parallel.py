@@ -81,13 +81,13 @@ def _follow(command: list[str], on_progress, log: Callable[[str], None]) -> str 
     tail: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout:
-            line = line.rstrip()
-            if line.startswith(PROGRESS):
-                step, total, loss = json.loads(line.removeprefix(PROGRESS))
+            line = line.rstrip()  # a marked line may follow a progress bar's carriage returns
+            if PROGRESS in line:
+                step, total, loss = json.loads(line.split(PROGRESS, 1)[1])
                 if on_progress:
                     on_progress(step, total, loss)
-            elif line.startswith(LOG):
-                log(line.removeprefix(LOG))
+            elif LOG in line:
+                log(line.split(LOG, 1)[1])
             elif line:
                 tail = [*tail[-40:], line]
     if process.returncode:
@@ -97,6 +97,10 @@ def _follow(command: list[str], on_progress, log: Callable[[str], None]) -> str 
 
 def _main(spec_path: str) -> None:
     """One torchrun process: train, and on process 0 write the metrics for the launching step."""
+    import torch
+
+    if torch.cuda.is_available():  # "cuda" means this process's GPU, for every library that says only that
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     call = json.loads(Path(spec_path).read_text())
     kind = adapters.QLoRASettings if call["settings"]["type"] == "QLoRA" else adapters.LoRASettings
     first = int(os.environ.get("RANK", "0")) == 0

@@ -40,7 +40,7 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
         micro = largest_micro_batch(model, share, max_len) if torch.cuda.is_available() else None
     elif settings.micro_batch_size is not None:
         micro = settings.micro_batch_size
-    elif world_size() > 1:
+    if micro is None and world_size() > 1:  # as configured, but each process takes only its share
         micro = int(training.get("per_device_train_batch_size", 8))
     if micro:
         micro = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
