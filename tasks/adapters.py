@@ -7,7 +7,6 @@ import functools
 import importlib.metadata
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from tasks.collate import pad_collator
 from tasks.errors import UserError, nearest
 from tasks.evaluate import heldout_loss
 from tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
-from tasks.speed import world_size
+from tasks.speed import local_rank, world_size
 
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
@@ -148,7 +147,7 @@ def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
     )
-    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if has_cuda() else {"": "cpu"}  # a GPU per process
+    device_map = {"": local_rank()} if has_cuda() else {"": "cpu"}  # a GPU per process
     model = load_causal_lm(
         model_path,
         settings.compute_dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,17 @@ def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = N
         digest.update(f"{path.relative_to(root).as_posix()}={file_hash};".encode())
     write_memo(memo, known)
     return digest.hexdigest()
+
+
+def move_into_place(staged: Path, target: Path) -> Path:
+    """Rename a complete folder to `target` in one step; if a concurrent twin got there first, it wins."""
+    try:
+        os.rename(staged, target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+    return target
 
 
 def hash_value(value: Any) -> str:

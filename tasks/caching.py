@@ -15,7 +15,7 @@ from typing import Any
 from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel
 
-from tasks.artifact import Artifact, hash_value
+from tasks.artifact import Artifact, hash_value, move_into_place
 from tasks.shared_cache import SharedCache
 
 # Libraries whose versions decide what a step produces; a new version is a cache miss.
@@ -107,12 +107,7 @@ class StepFolder:
 
     def publish(self, staged: Path) -> Path:
         """Move a complete output into place atomically; a folder already there (a concurrent twin) wins."""
-        try:
-            os.rename(staged, self.final)
-        except OSError:
-            if not self.final.exists():
-                raise
-            shutil.rmtree(staged, ignore_errors=True)
+        move_into_place(staged, self.final)
         shutil.rmtree(self.work, ignore_errors=True)
         return self.final
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tasks import adapters
 from tasks.errors import UserError
-from tasks.speed import effective_batch
+from tasks.speed import effective_batch, local_rank
 
 # Lines process 0 prints for the launching step: progress, and messages for the run log.
 PROGRESS = "olive-grove-progress "
@@ -100,7 +100,7 @@ def _main(spec_path: str) -> None:
     import torch
 
     if torch.cuda.is_available():  # "cuda" means this process's GPU, for every library that says only that
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
     call = json.loads(Path(spec_path).read_text())
     kind = adapters.QLoRASettings if call["settings"]["type"] == "QLoRA" else adapters.LoRASettings
     first = int(os.environ.get("RANK", "0")) == 0

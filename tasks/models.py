@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.artifact import Artifact, hash_files, hash_value, read_memo, write_memo
+from tasks.artifact import Artifact, hash_files, hash_value, move_into_place, read_memo, write_memo
 from tasks.azureml import connect, find_model_folder
 from tasks.errors import UserError
 from tasks.storage import Remote, file_fingerprint, is_url
@@ -122,11 +122,7 @@ def _fetch_registry_model(source: ModelSource) -> Artifact:
             connect(source.azureml_client, where).download_model(
                 str(source.registry_name), source.name, version, staged
             )
-            try:
-                staged.rename(folder)
-            except OSError:
-                if not folder.is_dir():
-                    raise  # else a concurrent run fetched the same version first
+            move_into_place(staged, folder)  # a concurrent run may fetch the same version first
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     return Artifact(

@@ -56,6 +56,11 @@ def effective_batch(settings: Any) -> int:
     return int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
 
 
+def local_rank() -> int:
+    """This process's GPU on its machine (torchrun sets LOCAL_RANK; 0 when training alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def world_size() -> int:
     """Processes training together (torchrun sets WORLD_SIZE); each takes its share of every batch."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,7 +70,7 @@ def largest_micro_batch(model, effective: int, max_len: int) -> int:
     """Try forward and backward passes of full-length samples, from the whole effective batch down."""
     import torch
 
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank())
     if next(model.parameters()).device != device:  # loaded on the CPU: the Trainer would move it there anyway
         model.to(device)
     budget = torch.cuda.get_device_properties(device).total_memory * MEMORY_HEADROOM
@@ -94,6 +99,6 @@ def _smallest_of_all_processes(micro: int) -> int:
 
     if world_size() == 1 or not dist.is_initialized():
         return micro
-    value = torch.tensor([micro], device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    value = torch.tensor([micro], device=torch.device("cuda", local_rank()))
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return int(value.item())

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.artifact import hash_value
+from tasks.artifact import hash_value, move_into_place
 from tasks.errors import UserError
 
 CREDENTIALS_HINT = (
@@ -136,11 +136,7 @@ class Remote:
                 [self.path(relative, n) for n in names],
                 [str(staged / n) for n in names],
             )
-            try:
-                staged.rename(target)
-            except OSError:
-                if not target.is_dir():
-                    raise  # else a concurrent download finished first, with the same files
+            move_into_place(staged, target)  # a concurrent download of the same files may finish first
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return target
