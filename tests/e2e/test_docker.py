@@ -122,9 +122,10 @@ def test_dockerfile_parses_and_matches_the_deployments():
         assert pull["directory"] == IMAGE_HOME
     assert [c.value[0] for c in worker if c.cmd == "WORKDIR"] == [IMAGE_HOME]
     runs = " ".join(c.value[0] for c in worker if c.cmd == "RUN")
+    assert "gcc" in runs and "python3-dev" in runs  # Triton compiles at run time: torch.compile, Liger
     for needed in (
         "torch==",
-        'pip install ".[azureml]"',
+        'pip install ".[azureml,gpu]"',
         "onnxruntime-genai-cuda",
         "prefect-docker",
         "prefect-kubernetes",
