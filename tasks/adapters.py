@@ -60,6 +60,10 @@ class LoRASettings(BaseModel):
     torch_dtype: DTYPES = Field("bfloat16", description="dtype of the frozen base weights")
     training_args: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments")
     fused_kernels: bool = Field(True, description="olive-grove: Liger Kernel's fused layers and loss on CUDA")
+    compile_layers: bool = Field(True, description="olive-grove: torch.compile each decoder layer on CUDA")
+    cuda_graphs: bool = Field(
+        True, description="olive-grove: replay the compiled layers as CUDA graphs (one process, no checkpointing)"
+    )
     processes: int | Literal["auto"] = Field(
         "auto",
         description="olive-grove: data-parallel training processes, one per GPU; auto: every GPU of the worker",
@@ -219,7 +223,13 @@ def build_trainer(
     from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tasks.speed import fast_training_args
+    from tasks.speed import (
+        compile_decoder_layers,
+        compiles_layers,
+        fast_training_args,
+        gradients_outside_graphs,
+        replays_cuda_graphs,
+    )
 
     base_model.config.use_cache = False  # a cache makes transformers ignore packed position_ids
     set_seed(int(settings.training_args.get("seed", 42)))  # the adapter's initial weights follow the seed too
@@ -230,10 +240,15 @@ def build_trainer(
         source = base_model.config._name_or_path  # a local folder must be named; a hub model is found
         replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
         log("LoRA weights initialised with LoftQ")
-    max_len = max(len(ids) for ids in train_set["input_ids"])
+    lengths = {len(ids) for ids in train_set["input_ids"]}
+    max_len = max(lengths)
     args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
     for key, value in fast_training_args(settings, model, max_len, log).items():
         setattr(args, key, value)
+    graphs = replays_cuda_graphs(settings, lengths)
+    if compiles_layers(settings):  # after the micro-batch probe, which would compile every size it tries
+        count = compile_decoder_layers(model, cuda_graphs=graphs)
+        log(f"compiling {count} decoder layers on the first step{', replayed as CUDA graphs' if graphs else ''}")
     trainer = Trainer(
         model=model,
         args=args,
@@ -243,7 +258,7 @@ def build_trainer(
     )
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    for callback in progress_callbacks(on_progress):
+    for callback in progress_callbacks(on_progress) + ([gradients_outside_graphs(model)] if graphs else []):
         trainer.add_callback(callback)
     return trainer
 

@@ -1,6 +1,11 @@
 """Training speed-ups taken from well-kept libraries, each one a setting that can be switched off.
 
-- fused kernels: Liger Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy (CUDA only);
+- compiled layers: torch.compile on each decoder layer, which fuses PEFT's casts, dropout and scaling
+  with the norms, rotary and SwiGLU around them, replayed as CUDA graphs (CUDA only);
+- fused kernels: Liger Kernel's fused linear cross-entropy, and its RMSNorm, RoPE and SwiGLU where the
+  layers are not compiled (CUDA only);
+- no GPU waits: the Trainer's per-micro-batch NaN check on the logged loss and blocking batch copies
+  each make the CPU wait for the GPU, which then idles while the CPU queues the next pass;
 - micro-batch: the largest split of the configured effective batch that fits on the GPU, so the same
   optimizer steps see the same samples, in fewer, fuller forward passes;
 - packing (`strategy: packed` in the data config) lives with the data step.
@@ -14,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 MEMORY_HEADROOM = 0.9  # of the card's memory a micro-batch probe may reach
+LIGER_LOSS_ONLY = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
+                   "swiglu": False}  # fmt: skip
 
 
 def liger_available() -> bool:
@@ -30,9 +37,17 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
     if settings.fused_kernels:
         if liger_available():
             args["use_liger_kernel"] = True
+            if compiles_layers(settings):  # inductor fuses the in-layer ones better; the loss stays Liger's
+                args["liger_kernel_config"] = LIGER_LOSS_ONLY
         elif torch.cuda.is_available():
             log("fused kernels: liger-kernel is not installed (pip install liger-kernel); training without")
     training = settings.training_args
+    if torch.cuda.is_available() and "logging_nan_inf_filter" not in training:
+        args["logging_nan_inf_filter"] = False  # its isnan() waits for every micro-batch; only logging reads it
+    if torch.cuda.is_available() and "accelerator_config" not in training:
+        from transformers.trainer_pt_utils import AcceleratorConfig
+
+        args["accelerator_config"] = AcceleratorConfig(non_blocking=True)  # batches are pinned: copy, don't wait
     effective = effective_batch(settings)
     share = effective // world_size()  # the launcher chose a process count that divides the batch
     micro = None
@@ -48,6 +63,64 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
         args["gradient_accumulation_steps"] = share // micro
         log(f"micro-batch {micro} x {share // micro} accumulation steps (effective batch {effective})")
     return args
+
+
+def compiles_layers(settings: Any) -> bool:
+    import torch
+
+    return settings.compile_layers and torch.cuda.is_available()
+
+
+def replays_cuda_graphs(settings: Any, sample_lengths: set[int]) -> bool:
+    """CUDA graphs where they were measured: one process, samples of one length (a graph is recorded per
+    shape), no gradient checkpointing (which re-runs layers inside the backward pass)."""
+    recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
+    static = len(sample_lengths) == 1
+    return compiles_layers(settings) and settings.cuda_graphs and static and world_size() == 1 and not recomputes
+
+
+def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
+    """torch.compile each decoder layer (the classes transformers keeps whole when splitting a model).
+
+    One layer at a time, the graphs are small, compile in seconds, have no breaks, and are shared by all
+    layers; the model around them (masks, embeddings, loss) stays eager, so packed position ids and
+    Liger's loss work as before. With `cuda_graphs`, each layer's kernels are recorded once and replayed,
+    which takes the CPU's kernel launches (the bottleneck at one sample per pass) off the critical path.
+    """
+    import torch
+
+    options = {"triton.cudagraphs": True} if cuda_graphs else None  # what mode="reduce-overhead" sets
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    for layer in layers:
+        layer.compile(options=options)
+    if cuda_graphs:  # a forward pass starts a new step: the last one's graph outputs may be reused
+        model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+    return len(layers)
+
+
+def gradients_outside_graphs(model):
+    """A Trainer callback that gives the adapter zero gradients before each optimizer step.
+
+    Without them, the first micro-batch's backward pass hands its graph-owned output to `.grad`, and the
+    next replay would overwrite it; with them, every micro-batch adds into memory of the parameters' own.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def give_zero_gradients() -> None:
+        for parameter in trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+
+    class GradientsOutsideGraphs(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            give_zero_gradients()  # the Trainer sets them to None after each optimizer step
+
+    give_zero_gradients()
+    return GradientsOutsideGraphs()
 
 
 def effective_batch(settings: Any) -> int:

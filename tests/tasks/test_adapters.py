@@ -14,7 +14,7 @@ from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, tr
 from tasks.collate import pad_collator
 from tasks.errors import UserError
 from tasks.models import linear_module_names
-from tasks.speed import fast_training_args
+from tasks.speed import compile_decoder_layers, fast_training_args, gradients_outside_graphs, replays_cuda_graphs
 
 
 def test_lora_defaults():
@@ -112,6 +112,68 @@ def test_auto_micro_batch_changes_nothing_on_cpu():
         pytest.skip("on a GPU auto probes memory")
     settings = LoRASettings.model_validate({"train_data_config": "d"})
     assert fast_training_args(settings, model=None, max_len=64, log=print) == {}
+
+
+def test_on_cuda_the_trainer_never_waits_for_the_gpu_unless_asked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the arguments only; nothing runs
+    settings = LoRASettings(train_data_config="d", micro_batch_size=1)
+    args = fast_training_args(settings, model=None, max_len=64, log=lambda _: None)
+    assert args["logging_nan_inf_filter"] is False and args["accelerator_config"].non_blocking
+    asked = settings.model_copy(update={"training_args": {"logging_nan_inf_filter": True}})
+    assert "logging_nan_inf_filter" not in fast_training_args(asked, model=None, max_len=64, log=lambda _: None)
+
+
+def test_cuda_graphs_only_where_shapes_and_layers_stay_put(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = LoRASettings(train_data_config="d")
+    assert replays_cuda_graphs(settings, {2048})
+    assert not replays_cuda_graphs(settings, {30, 2048})  # a graph per shape: packed or unpadded rows vary
+    assert not replays_cuda_graphs(settings.model_copy(update={"cuda_graphs": False}), {2048})
+    assert not replays_cuda_graphs(settings.model_copy(update={"compile_layers": False}), {2048})
+    checkpointing = settings.model_copy(update={"training_args": {"gradient_checkpointing": True}})
+    assert not replays_cuda_graphs(checkpointing, {2048})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not replays_cuda_graphs(settings, {2048})
+
+
+def test_adapter_gradients_live_outside_graph_memory():
+    """Every optimizer step starts with zero gradients of the adapter's own, which backward passes add into."""
+    adapter, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    model = torch.nn.Sequential(adapter, frozen)
+    callback = gradients_outside_graphs(model)
+    first = adapter.weight.grad
+    assert torch.equal(first, torch.zeros(2, 2)) and frozen.weight.grad is None
+    model.zero_grad()  # as the Trainer does after each optimizer step
+    callback.on_step_begin(None, None, None)
+    assert torch.equal(adapter.weight.grad, torch.zeros(2, 2)) and adapter.weight.grad is not first
+
+
+@pytest.mark.parametrize(("arch", "modules"), [("tiny_phi3", PHI3_MODULES), ("tiny_llama", LLAMA_MODULES)])
+def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[str], request):
+    """compile_layers compiles every decoder layer, and the loss and adapter gradients do not move."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tasks.adapters import lora_config
+
+    path: Path = request.getfixturevalue(arch)
+    settings = LoRASettings(train_data_config="d", r=4, lora_dropout=0.0, target_modules=modules)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(compile_layers: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = get_peft_model(base, lora_config(settings))
+        if compile_layers:
+            assert compile_decoder_layers(model) == base.config.num_hidden_layers
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for eager, compiled in zip(eager_grads, compiled_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ real training
