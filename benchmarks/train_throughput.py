@@ -1,12 +1,15 @@
 """Training throughput: plain HF Trainer + PEFT (what Olive runs) against olive-grove's training step.
 
 Both train the same random Phi-3-mini-shaped model (built from its config, nothing downloaded) on the
-same synthetic tokens with the same LoRA settings; tokens/s counts real (non-pad) tokens after warm-up.
+same synthetic tokens with the same LoRA settings; tokens/s counts real (non-pad) tokens after warm-up,
+and peak memory is the most reserved from the GPU during those steps (CUDA graphs' memory is reserved,
+never counted as allocated).
 
     python benchmarks/train_throughput.py                 # on a GPU: the full-size cases
+    python benchmarks/train_throughput.py --set compile_layers=false   # ours with one speed-up off
     python benchmarks/train_throughput.py --tiny          # anywhere: a tiny model, a smoke test
 
-Prints a table and writes benchmarks/results/<gpu>-train.json.
+Prints a table and writes benchmarks/results/<gpu>-train[-<settings>].json.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,7 +87,8 @@ def unpacked(rows: list[list[int]]) -> dict[str, list[list[int]]]:
 
 
 class Meter:
-    """Real tokens per second over the optimizer steps after warm-up, and peak GPU memory."""
+    """Real tokens per second over the optimizer steps after warm-up; peak GPU memory counts from there too,
+    so one-off work before training (our micro-batch probe, compiling) is not mistaken for training's."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.step, self.tokens, self.started = warmup, 0, 0, 0.0
@@ -107,6 +112,8 @@ class Meter:
                 meter.step = state.global_step
                 if meter.step == meter.warmup:
                     _sync()
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()
                     meter.tokens, meter.started = 0, time.perf_counter()
 
         return StepClock()
@@ -114,6 +121,10 @@ class Meter:
     def tokens_per_second(self) -> float:
         _sync()
         return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+
+    @staticmethod
+    def peak_gib() -> float:
+        return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def _sync() -> None:
@@ -164,23 +175,22 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
         callbacks=[meter.callback()],
     )
     trainer.train()
-    return meter.tokens_per_second()
+    return meter.tokens_per_second(), meter.peak_gib()
 
 
-def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_to: int | None, micro: str | None):
+def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_to: int | None, overrides: dict):
     """olive-grove's training step: the same LoRA, the same effective batch, with its speed-ups on."""
     kind = QLoRASettings if quantized else LoRASettings
     settings = kind(train_data_config="x", r=64, alpha=64, lora_dropout=0.1, target_modules=["qkv_proj", "o_proj"],
-                    micro_batch_size=micro,
                     training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps,
-                                   "disable_tqdm": True})  # fmt: skip
+                                   "disable_tqdm": True}, **overrides)  # fmt: skip
     data = pack_rows(rows, pack_to) if pack_to else unpacked(rows)
     meter = Meter(warmup)
     trainer = build_trainer(settings, model, 0, as_dataset(data), None, out, log=lambda m: print(f"  {m}"))
     trainer.data_collator = meter.collator(trainer.data_collator)
     trainer.add_callback(meter.callback())
     trainer.train()
-    return meter.tokens_per_second(), trainer.args.per_device_train_batch_size
+    return meter.tokens_per_second(), meter.peak_gib()
 
 
 def flops_per_token(cfg, n_params: int, context: float) -> float:
@@ -188,21 +198,20 @@ def flops_per_token(cfg, n_params: int, context: float) -> float:
     return 4 * n_params + 6 * cfg.num_hidden_layers * context * cfg.hidden_size
 
 
-def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pack_to, context, peak_flops, micro):
+def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pack_to, context, peak_flops, overrides):
     results = {}
     for who in ("baseline", "ours"):
         gc.collect()
+        torch._dynamo.reset()  # each run compiles for its own model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         model = load_base(model_dir, quantized)
         n_params = sum(p.numel() for p in model.parameters()) if not quantized else _dense_params(cfg)
         if who == "baseline":
-            tok_s = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
+            tok_s, peak = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
         else:
-            tok_s, used = run_ours(model, rows, args, steps, warmup, out / f"{name}-ours", quantized, pack_to, micro)
-            print(f"  {name}: ours micro-batch {used}")
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            ours_dir = out / f"{name}-ours"
+            tok_s, peak = run_ours(model, rows, args, steps, warmup, ours_dir, quantized, pack_to, overrides)
         results[who] = (tok_s, peak, tok_s * flops_per_token(cfg, n_params, context) / peak_flops)
         del model
     (base_tok, base_peak, base_mfu), (ours_tok, ours_peak, ours_mfu) = results["baseline"], results["ours"]
@@ -221,10 +230,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
     parser.add_argument("--cases", default="lora-2048,lora-short,qlora-2048")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--micro-batch", choices=["auto", "as-configured"], default="auto",
-                        help="ours: micro_batch_size auto (speed) or null (the baseline's memory)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=15, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=3, help="steps not timed: the first one compiles")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
+                        help="a setting of our pass, e.g. micro_batch_size=1 or compile_layers=false")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
@@ -241,7 +250,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     model_dir = args.work / ("tiny-phi3" if args.tiny else "phi3-mini-random")
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(model_dir))
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is minutes on a CPU
+            AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(model_dir))
+    overrides = dict(args.set)
     seq = 128 if args.tiny else 2048
     n_rows = 4 * args.steps * 8
     long_rows = synthetic_rows(cfg.vocab_size, [seq] * n_rows)
@@ -257,17 +268,24 @@ def main(argv: list[str] | None = None) -> list[Result]:
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, args.steps, args.warmup, args.work,
-                               quantized, pack_to, context, peak_flops,
-                               "auto" if args.micro_batch == "auto" else None))  # fmt: skip
+                               quantized, pack_to, context, peak_flops, overrides))  # fmt: skip
     print_table(results, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
-    variant = "" if args.micro_batch == "auto" else f"-{args.micro_batch}"
+    variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in overrides.items())
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
-    file.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv),
-                                "micro_batch_size": args.micro_batch,
-                                "cases": [asdict(r) for r in results]}, indent=2) + "\n")  # fmt: skip
+    summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
+               "cases": [asdict(r) for r in results]}  # fmt: skip
+    file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
     return results
+
+
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as YAML (so 1, false and null have their types), as `grove run --set` reads it."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in LoRASettings.model_fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a LoRA pass setting")
+    return key, yaml.safe_load(value)
 
 
 def print_table(results: list[Result], gpu: str) -> None:
