@@ -62,7 +62,9 @@ class LoRASettings(BaseModel):
     fused_kernels: bool = Field(True, description="olive-grove: Liger Kernel's fused layers and loss on CUDA")
     compile_layers: bool = Field(True, description="olive-grove: torch.compile each decoder layer on CUDA")
     cuda_graphs: bool = Field(
-        True, description="olive-grove: replay the compiled layers as CUDA graphs (one process, no checkpointing)"
+        True,
+        description="olive-grove: replay the compiled layers as CUDA graphs (one process, samples of one length, "
+        "no evaluation during training, no gradient checkpointing)",
     )
     processes: int | Literal["auto"] = Field(
         "auto",
@@ -224,10 +226,12 @@ def build_trainer(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tasks.speed import (
-        compile_decoder_layers,
+        compile_layers,
         compiles_layers,
+        decoder_layers,
         fast_training_args,
         gradients_outside_graphs,
+        mark_graph_steps,
         replays_cuda_graphs,
     )
 
@@ -245,10 +249,13 @@ def build_trainer(
     args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
     for key, value in fast_training_args(settings, model, max_len, log).items():
         setattr(args, key, value)
-    graphs = replays_cuda_graphs(settings, lengths)
-    if compiles_layers(settings):  # after the micro-batch probe, which would compile every size it tries
-        count = compile_decoder_layers(model, cuda_graphs=graphs)
-        log(f"compiling {count} decoder layers on the first step{', replayed as CUDA graphs' if graphs else ''}")
+    graphs = replays_cuda_graphs(settings, model, lengths, evaluates=eval_set is not None)
+    if compiles_layers(settings, model):  # after the micro-batch probe, which would compile every size it tries
+        layers = decoder_layers(model)
+        compile_layers(layers, cuda_graphs=graphs)
+        log(f"compiling {len(layers)} decoder layers on the first step{', replayed as CUDA graphs' if graphs else ''}")
+    if graphs:
+        mark_graph_steps(model)
     trainer = Trainer(
         model=model,
         args=args,
@@ -258,8 +265,10 @@ def build_trainer(
     )
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    for callback in progress_callbacks(on_progress) + ([gradients_outside_graphs(model)] if graphs else []):
+    for callback in progress_callbacks(on_progress):
         trainer.add_callback(callback)
+    if graphs:
+        trainer.add_callback(gradients_outside_graphs(model))
     return trainer
 
 

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 MEMORY_HEADROOM = 0.9  # of the card's memory a micro-batch probe may reach
+# Every in-layer switch of Liger's per-model functions (each takes the ones it knows), off: only the loss.
 LIGER_LOSS_ONLY = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
-                   "swiglu": False}  # fmt: skip
+                   "swiglu": False, "geglu": False, "layer_norm": False}  # fmt: skip
 
 
 def liger_available() -> bool:
@@ -37,7 +38,7 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
     if settings.fused_kernels:
         if liger_available():
             args["use_liger_kernel"] = True
-            if compiles_layers(settings):  # inductor fuses the in-layer ones better; the loss stays Liger's
+            if compiles_layers(settings, model):  # inductor fuses the in-layer ones better; the loss stays Liger's
                 args["liger_kernel_config"] = LIGER_LOSS_ONLY
         elif torch.cuda.is_available():
             log("fused kernels: liger-kernel is not installed (pip install liger-kernel); training without")
@@ -65,38 +66,47 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
     return args
 
 
-def compiles_layers(settings: Any) -> bool:
-    import torch
-
-    return settings.compile_layers and torch.cuda.is_available()
-
-
-def replays_cuda_graphs(settings: Any, sample_lengths: set[int]) -> bool:
-    """CUDA graphs where they were measured: one process, samples of one length (a graph is recorded per
-    shape), no gradient checkpointing (which re-runs layers inside the backward pass)."""
-    recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
-    static = len(sample_lengths) == 1
-    return compiles_layers(settings) and settings.cuda_graphs and static and world_size() == 1 and not recomputes
-
-
-def compile_decoder_layers(model, cuda_graphs: bool = False) -> int:
-    """torch.compile each decoder layer (the classes transformers keeps whole when splitting a model).
-
-    One layer at a time, the graphs are small, compile in seconds, have no breaks, and are shared by all
-    layers; the model around them (masks, embeddings, loss) stays eager, so packed position ids and
-    Liger's loss work as before. With `cuda_graphs`, each layer's kernels are recorded once and replayed,
-    which takes the CPU's kernel launches (the bottleneck at one sample per pass) off the critical path.
-    """
-    import torch
-
-    options = {"triton.cudagraphs": True} if cuda_graphs else None  # what mode="reduce-overhead" sets
+def decoder_layers(model) -> list:
+    """The model's decoder layers: the classes transformers keeps whole when it splits a model."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in names]
+    return [module for module in model.modules() if type(module).__name__ in names] if names else []
+
+
+def compiles_layers(settings: Any, model) -> bool:
+    """On CUDA, for a model whose layers can be found, unless the Trainer compiles the whole model."""
+    import torch
+
+    whole_model = bool(settings.training_args.get("torch_compile", False))
+    wanted = settings.compile_layers and torch.cuda.is_available() and not whole_model
+    return wanted and bool(decoder_layers(model))
+
+
+def replays_cuda_graphs(settings: Any, model, sample_lengths: set[int], evaluates: bool) -> bool:
+    """CUDA graphs where they were measured: one process, training samples of one length (a graph is
+    recorded per shape), no evaluation (other shapes again), no gradient checkpointing (which re-runs
+    layers inside the backward pass)."""
+    recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
+    static = len(sample_lengths) == 1 and not evaluates
+    alone = world_size() == 1
+    return settings.cuda_graphs and static and alone and not recomputes and compiles_layers(settings, model)
+
+
+def compile_layers(layers: list, cuda_graphs: bool) -> None:
+    """torch.compile each decoder layer on its own: small graphs that compile in seconds, have no breaks,
+    and are shared by all layers; the model around them (masks, embeddings, loss) stays eager, so packed
+    position ids and Liger's loss work as before. With `cuda_graphs`, each layer's kernels are recorded
+    once and replayed, which takes the CPU's kernel launches (the bottleneck at one sample per pass) off
+    the critical path."""
+    options = {"triton.cudagraphs": True} if cuda_graphs else None  # what mode="reduce-overhead" sets
     for layer in layers:
         layer.compile(options=options)
-    if cuda_graphs:  # a forward pass starts a new step: the last one's graph outputs may be reused
-        model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
-    return len(layers)
+
+
+def mark_graph_steps(model) -> None:
+    """Each forward pass starts a new step of the graphs: the last step's graph outputs may be reused."""
+    import torch
+
+    model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 
 
 def gradients_outside_graphs(model):
@@ -110,16 +120,12 @@ def gradients_outside_graphs(model):
 
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def give_zero_gradients() -> None:
-        for parameter in trainable:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-
     class GradientsOutsideGraphs(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            give_zero_gradients()  # the Trainer sets them to None after each optimizer step
+            for parameter in trainable:  # the Trainer sets them to None after each optimizer step
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
 
-    give_zero_gradients()
     return GradientsOutsideGraphs()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def train_adapter_task(
     )
     logger.info(
         "adapter trained: train loss %.4f%s",
-        metrics["train_loss"],
+        metrics.get("train_loss", math.nan),  # a NaN loss is left out of the metrics
         f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "",
     )
     metrics["base_model"] = model.path

@@ -5,10 +5,13 @@ No timing is asserted: speed is measured on a GPU (docs/benchmarks.md), never in
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,3 +34,11 @@ def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
         assert {"name", "ours_tok_s", "baseline_tok_s", "speedup", "mfu", "peak_gib", "baseline_peak_gib"} <= set(case)
         assert case["ours_tok_s"] > 0 and case["baseline_tok_s"] > 0
     assert "baseline tok/s" in capsys.readouterr().out
+
+
+def test_set_changes_only_our_speed_settings():
+    bench = load_benchmark()
+    assert bench.setting("micro_batch_size=1") == ("micro_batch_size", 1)
+    assert bench.setting("cuda_graphs=false") == ("cuda_graphs", False)
+    with pytest.raises(argparse.ArgumentTypeError, match="micro_batch_size"):
+        bench.setting("r=8")  # the adapter stays the baseline's

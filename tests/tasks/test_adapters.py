@@ -10,11 +10,12 @@ import pytest
 import torch
 from grove_helpers import LLAMA_MODULES, PHI3_MODULES
 
+from tasks import speed
 from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
 from tasks.collate import pad_collator
 from tasks.errors import UserError
 from tasks.models import linear_module_names
-from tasks.speed import compile_decoder_layers, fast_training_args, gradients_outside_graphs, replays_cuda_graphs
+from tasks.speed import fast_training_args, gradients_outside_graphs
 
 
 def test_lora_defaults():
@@ -119,39 +120,74 @@ def test_on_cuda_the_trainer_never_waits_for_the_gpu_unless_asked(monkeypatch):
     settings = LoRASettings(train_data_config="d", micro_batch_size=1)
     args = fast_training_args(settings, model=None, max_len=64, log=lambda _: None)
     assert args["logging_nan_inf_filter"] is False and args["accelerator_config"].non_blocking
-    asked = settings.model_copy(update={"training_args": {"logging_nan_inf_filter": True}})
-    assert "logging_nan_inf_filter" not in fast_training_args(asked, model=None, max_len=64, log=lambda _: None)
+    asked = settings.model_copy(update={"training_args": {"logging_nan_inf_filter": True, "accelerator_config": {}}})
+    chosen = fast_training_args(asked, model=None, max_len=64, log=lambda _: None)
+    assert "logging_nan_inf_filter" not in chosen and "accelerator_config" not in chosen
 
 
-def test_cuda_graphs_only_where_shapes_and_layers_stay_put(monkeypatch):
+@pytest.fixture
+def phi3_on_cuda(tiny_phi3: Path, monkeypatch):
+    """The tiny Phi-3, with torch told it has CUDA: for the choices made before anything runs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return model
+
+
+def test_liger_keeps_only_the_loss_when_layers_compile(phi3_on_cuda, monkeypatch):
+    monkeypatch.setattr(speed, "liger_available", lambda: True)
+    settings = LoRASettings(train_data_config="d", micro_batch_size=1)
+
+    def liger_config(settings, model):
+        args = fast_training_args(settings, model=model, max_len=64, log=lambda _: None)
+        assert args["use_liger_kernel"]
+        return args.get("liger_kernel_config")
+
+    assert liger_config(settings, phi3_on_cuda) == speed.LIGER_LOSS_ONLY
+    assert liger_config(settings.model_copy(update={"compile_layers": False}), phi3_on_cuda) is None
+    assert liger_config(settings, torch.nn.Linear(2, 2)) is None  # no decoder layers found: nothing compiles
+
+
+def test_cuda_graphs_only_where_shapes_and_layers_stay_put(phi3_on_cuda, monkeypatch):
     settings = LoRASettings(train_data_config="d")
-    assert replays_cuda_graphs(settings, {2048})
-    assert not replays_cuda_graphs(settings, {30, 2048})  # a graph per shape: packed or unpadded rows vary
-    assert not replays_cuda_graphs(settings.model_copy(update={"cuda_graphs": False}), {2048})
-    assert not replays_cuda_graphs(settings.model_copy(update={"compile_layers": False}), {2048})
-    checkpointing = settings.model_copy(update={"training_args": {"gradient_checkpointing": True}})
-    assert not replays_cuda_graphs(checkpointing, {2048})
+
+    def graphs(settings=settings, model=phi3_on_cuda, lengths=(2048,), evaluates=False) -> bool:
+        return speed.replays_cuda_graphs(settings, model, set(lengths), evaluates)
+
+    assert graphs()
+    assert not graphs(lengths=(30, 2048))  # a graph per shape: packed or unpadded rows vary
+    assert not graphs(evaluates=True)  # evaluation brings its own shapes
+    assert not graphs(model=torch.nn.Linear(2, 2))
+    assert not graphs(settings.model_copy(update={"cuda_graphs": False}))
+    assert not graphs(settings.model_copy(update={"compile_layers": False}))
+    assert not graphs(settings.model_copy(update={"training_args": {"gradient_checkpointing": True}}))
+    assert not graphs(settings.model_copy(update={"training_args": {"torch_compile": True}}))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not replays_cuda_graphs(settings, {2048})
+    assert not graphs()
 
 
 def test_adapter_gradients_live_outside_graph_memory():
-    """Every optimizer step starts with zero gradients of the adapter's own, which backward passes add into."""
+    """Each optimizer step starts from zero gradients of the adapter's own; within a step they are kept."""
     adapter, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
     model = torch.nn.Sequential(adapter, frozen)
     callback = gradients_outside_graphs(model)
-    first = adapter.weight.grad
-    assert torch.equal(first, torch.zeros(2, 2)) and frozen.weight.grad is None
+    callback.on_step_begin(None, None, None)
+    assert torch.equal(adapter.weight.grad, torch.zeros(2, 2)) and frozen.weight.grad is None
+    adapter.weight.grad += 1  # a micro-batch's backward pass adds in place
+    accumulated = adapter.weight.grad
+    callback.on_step_begin(None, None, None)
+    assert adapter.weight.grad is accumulated and torch.equal(accumulated, torch.ones(2, 2))
     model.zero_grad()  # as the Trainer does after each optimizer step
     callback.on_step_begin(None, None, None)
-    assert torch.equal(adapter.weight.grad, torch.zeros(2, 2)) and adapter.weight.grad is not first
+    assert torch.equal(adapter.weight.grad, torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize(("arch", "modules"), [("tiny_phi3", PHI3_MODULES), ("tiny_llama", LLAMA_MODULES)])
 def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[str], request):
-    """compile_layers compiles every decoder layer, and the loss and adapter gradients do not move."""
+    """Every decoder layer compiles, and the loss and the adapter's gradients do not move."""
     from peft import get_peft_model
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from tasks.adapters import lora_config
@@ -160,20 +196,62 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
     settings = LoRASettings(train_data_config="d", r=4, lora_dropout=0.0, target_modules=modules)
     ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads(compile_layers: bool):
+    def loss_and_grads(compiled: bool):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         model = get_peft_model(base, lora_config(settings))
-        if compile_layers:
-            assert compile_decoder_layers(model) == base.config.num_hidden_layers
+        for name, parameter in model.named_parameters():  # B starts at zero: make the adapter count
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        if compiled:
+            layers = speed.decoder_layers(model)
+            assert len(layers) == base.config.num_hidden_layers
+            speed.compile_layers(layers, cuda_graphs=False)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
 
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch._dynamo.reset()
+    counters.clear()
+    eager_loss, eager_grads = loss_and_grads(compiled=False)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled_loss, compiled_grads = loss_and_grads(compiled=True)
+    assert counters["stats"]["unique_graphs"] > 0, "the layers ran compiled"
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     for eager, compiled in zip(eager_grads, compiled_grads, strict=True):
+        assert eager.abs().sum() > 0
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
+    """Over optimizer steps of several micro-batches each, graph replays accumulate what eager passes do."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from tasks.adapters import build_trainer
+
+    rows = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(24)]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+    def adapter_after_training(cuda_graphs: bool) -> dict[str, torch.Tensor]:
+        torch._dynamo.reset()
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32, device_map={"": 0})
+        settings = LoRASettings(
+            train_data_config="d", r=4, lora_dropout=0.0, target_modules=PHI3_MODULES, cuda_graphs=cuda_graphs,
+            micro_batch_size=1, fused_kernels=False,
+            training_args={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 4,
+                           "learning_rate": 1e-2, "save_strategy": "no", "seed": 0},
+        )  # fmt: skip
+        trainer = build_trainer(settings, base, 0, data, None, tmp_path / str(cuda_graphs), log=lambda _: None)
+        trainer.train()
+        return {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+
+    replayed, compiled = adapter_after_training(True), adapter_after_training(False)
+    for name, weight in compiled.items():
+        assert weight.abs().sum() > 0
+        torch.testing.assert_close(replayed[name], weight, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ real training
