@@ -18,7 +18,7 @@ from typing import Any
 
 from tasks import adapters
 from tasks.errors import UserError
-from tasks.speed import effective_batch, local_rank
+from tasks.speed import effective_batch, local_rank, release_compiled_layers
 
 # Lines process 0 prints for the launching step: progress, and messages for the run log.
 PROGRESS = "olive-grove-progress "
@@ -51,8 +51,11 @@ def train(
     """`adapters.train_adapter`, in this process or, with several processes, under torchrun."""
     processes = process_count(settings)
     if processes == 1:
-        return adapters.train_adapter(settings, model_path, dataset_dir, checkpoint_dir, out_dir, trust_remote_code,
-                                      on_progress, log, eval_dir)  # fmt: skip
+        try:
+            return adapters.train_adapter(settings, model_path, dataset_dir, checkpoint_dir, out_dir,
+                                          trust_remote_code, on_progress, log, eval_dir)  # fmt: skip
+        finally:
+            release_compiled_layers()
     call = {
         "settings": settings.model_dump(mode="json"),
         "model_path": model_path,

@@ -109,6 +109,16 @@ def mark_graph_steps(model) -> None:
     model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
 
 
+def release_compiled_layers() -> None:
+    """Compiled code and the CUDA graphs' memory pool live as long as the process, beyond the model they
+    were made for: the steps after training (merge, ModelBuilder, inference) get that GPU memory back."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
 def gradients_outside_graphs(model):
     """A Trainer callback that gives the adapter zero gradients before each optimizer step.
 
