@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.adapters import LoRASettings, QLoRASettings, build_trainer, lora_config
 from tasks.collate import pad_collator
 from tasks.data import pack_rows
+from tasks.speed import release_compiled_layers
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels")  # what --set may change
@@ -203,9 +204,7 @@ def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pac
     results = {}
     for who in ("baseline", "ours"):
         gc.collect()
-        torch._dynamo.reset()  # each run compiles for its own model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_compiled_layers()  # each run compiles for its own model
         model = load_base(model_dir, quantized)
         n_params = sum(p.numel() for p in model.parameters()) if not quantized else _dense_params(cfg)
         if who == "baseline":

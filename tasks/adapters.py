@@ -227,10 +227,9 @@ def build_trainer(
 
     from tasks.speed import (
         compile_layers,
-        compiles_layers,
-        decoder_layers,
         fast_training_args,
         gradients_outside_graphs,
+        layers_to_compile,
         mark_graph_steps,
         replays_cuda_graphs,
     )
@@ -247,11 +246,11 @@ def build_trainer(
     lengths = {len(ids) for ids in train_set["input_ids"]}
     max_len = max(lengths)
     args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
-    for key, value in fast_training_args(settings, model, max_len, log).items():
+    layers = layers_to_compile(settings, model)
+    for key, value in fast_training_args(settings, model, max_len, log, compiled_layers=bool(layers)).items():
         setattr(args, key, value)
-    graphs = replays_cuda_graphs(settings, model, lengths, evaluates=eval_set is not None)
-    if compiles_layers(settings, model):  # after the micro-batch probe, which would compile every size it tries
-        layers = decoder_layers(model)
+    graphs = replays_cuda_graphs(settings, layers, lengths, evaluates=eval_set is not None)
+    if layers:  # after the micro-batch probe, which would compile every size it tries
         compile_layers(layers, cuda_graphs=graphs)
         log(f"compiling {len(layers)} decoder layers on the first step{', replayed as CUDA graphs' if graphs else ''}")
     if graphs:

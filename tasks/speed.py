@@ -30,7 +30,9 @@ def liger_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def fast_training_args(
+    settings: Any, model, max_len: int, log: Callable[[str], None] = print, compiled_layers: bool = False
+) -> dict[str, Any]:
     """TrainingArguments that change speed, never what one optimizer step learns from."""
     import torch
 
@@ -38,7 +40,7 @@ def fast_training_args(settings: Any, model, max_len: int, log: Callable[[str], 
     if settings.fused_kernels:
         if liger_available():
             args["use_liger_kernel"] = True
-            if compiles_layers(settings, model):  # inductor fuses the in-layer ones better; the loss stays Liger's
+            if compiled_layers:  # inductor fuses the in-layer ones better; the loss stays Liger's
                 args["liger_kernel_config"] = LIGER_LOSS_ONLY
         elif torch.cuda.is_available():
             log("fused kernels: liger-kernel is not installed (pip install liger-kernel); training without")
@@ -72,23 +74,23 @@ def decoder_layers(model) -> list:
     return [module for module in model.modules() if type(module).__name__ in names] if names else []
 
 
-def compiles_layers(settings: Any, model) -> bool:
-    """On CUDA, for a model whose layers can be found, unless the Trainer compiles the whole model."""
+def layers_to_compile(settings: Any, model) -> list:
+    """The decoder layers `compile_layers` compiles: on CUDA, unless the Trainer compiles the whole model."""
     import torch
 
     whole_model = bool(settings.training_args.get("torch_compile", False))
     wanted = settings.compile_layers and torch.cuda.is_available() and not whole_model
-    return wanted and bool(decoder_layers(model))
+    return decoder_layers(model) if wanted else []
 
 
-def replays_cuda_graphs(settings: Any, model, sample_lengths: set[int], evaluates: bool) -> bool:
+def replays_cuda_graphs(settings: Any, layers: list, sample_lengths: set[int], evaluates: bool) -> bool:
     """CUDA graphs where they were measured: one process, training samples of one length (a graph is
     recorded per shape), no evaluation (other shapes again), no gradient checkpointing (which re-runs
     layers inside the backward pass)."""
     recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
     static = len(sample_lengths) == 1 and not evaluates
     alone = world_size() == 1
-    return settings.cuda_graphs and static and alone and not recomputes and compiles_layers(settings, model)
+    return settings.cuda_graphs and static and alone and not recomputes and bool(layers)
 
 
 def compile_layers(layers: list, cuda_graphs: bool) -> None:

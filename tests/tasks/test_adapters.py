@@ -140,7 +140,8 @@ def test_liger_keeps_only_the_loss_when_layers_compile(phi3_on_cuda, monkeypatch
     settings = LoRASettings(train_data_config="d", micro_batch_size=1)
 
     def liger_config(settings, model):
-        args = fast_training_args(settings, model=model, max_len=64, log=lambda _: None)
+        compiled = bool(speed.layers_to_compile(settings, model))
+        args = fast_training_args(settings, model=model, max_len=64, log=lambda _: None, compiled_layers=compiled)
         assert args["use_liger_kernel"]
         return args.get("liger_kernel_config")
 
@@ -153,7 +154,7 @@ def test_cuda_graphs_only_where_shapes_and_layers_stay_put(phi3_on_cuda, monkeyp
     settings = LoRASettings(train_data_config="d")
 
     def graphs(settings=settings, model=phi3_on_cuda, lengths=(2048,), evaluates=False) -> bool:
-        return speed.replays_cuda_graphs(settings, model, set(lengths), evaluates)
+        return speed.replays_cuda_graphs(settings, speed.layers_to_compile(settings, model), set(lengths), evaluates)
 
     assert graphs()
     assert not graphs(lengths=(30, 2048))  # a graph per shape: packed or unpadded rows vary
