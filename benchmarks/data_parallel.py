@@ -1,6 +1,6 @@
 """Data-parallel scaling of olive-grove's training step: one GPU against all of them, same everything else.
 
-The real step (`tasks.data_parallel.train`, which launches itself under torchrun for several GPUs) trains
+The real step (`olive_grove.tasks.data_parallel.train`, which launches itself under torchrun for several GPUs) trains
 a random Phi-3-mini-shaped model, saved to disk first, on synthetic 2048-token samples; the same LoRA,
 effective batch and optimizer steps in both runs. Tokens/s counts the steps after warm-up, timed by the
 progress process 0 reports.
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import GUIDE_ARGS, phi3_mini_config
-from tasks import data_parallel
-from tasks.adapters import LoRASettings
-from tasks.tiny_model import train_tokenizer
+from olive_grove.tasks import data_parallel
+from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.tiny_model import train_tokenizer
 
 
 def save_model(root: Path, tiny: bool) -> Path:

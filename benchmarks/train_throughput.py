@@ -28,10 +28,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.adapters import LoRASettings, QLoRASettings, build_trainer, lora_config
-from tasks.collate import pad_collator
-from tasks.data import pack_rows
-from tasks.speed import release_compiled_layers
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, build_trainer, lora_config
+from olive_grove.tasks.collate import pad_collator
+from olive_grove.tasks.data import pack_rows
+from olive_grove.tasks.speed import release_compiled_layers
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels")  # what --set may change

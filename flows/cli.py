@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.errors import UserError
-from tasks.storage import is_url
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.storage import is_url
 
 EXIT_USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.quiet import quiet_libraries
+    from olive_grove.flows.quiet import quiet_libraries
 
     # Without PREFECT_API_URL each run starts Prefect's temporary local server; on a busy 2-core machine
     # (or with several runs starting together) it needs longer than Prefect's default 20 s to come up.
@@ -126,8 +126,8 @@ def _days(text: str) -> float:
 
 def checked_config(args: argparse.Namespace):
     """The run options from `--set`, and the config they give, checked before any work."""
-    from flows.finetune import RunOptions, use_credentials
-    from flows.preflight import check_before_work
+    from olive_grove.flows.finetune import RunOptions, use_credentials
+    from olive_grove.flows.preflight import check_before_work
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
@@ -147,7 +147,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.finetune import finetune
+    from olive_grove.flows.finetune import finetune
 
     options, _, _ = checked_config(args)  # a bad config fails here, before Prefect or any step starts
     state = finetune(config=str(args.config.resolve()), options=options, return_state=True)
@@ -173,7 +173,7 @@ def cmd_blocks_register(args: argparse.Namespace) -> int:
 
 
 def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
-    from blocks.azure import AZURE_STORAGE_BLOCK, save_azure_storage
+    from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, save_azure_storage
 
     secret = os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or sys.stdin.readline().strip()
     if not secret:
@@ -186,7 +186,7 @@ def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
-    from blocks.hub import HF_TOKEN_BLOCK, save_hf_token
+    from olive_grove.blocks.hub import HF_TOKEN_BLOCK, save_hf_token
 
     # Never from the command line: arguments show in `ps` and shell history.
     token = os.environ.get("HF_TOKEN") or sys.stdin.readline().strip()
@@ -198,12 +198,12 @@ def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
 
 
 def _cache_entries(args: argparse.Namespace):
-    from tasks.caching import list_cache
+    from olive_grove.tasks.caching import list_cache
 
     if args.cache_dir:
         return list_cache(args.cache_dir), None
-    from flows.config import load_run_config
-    from flows.finetune import step_context
+    from olive_grove.flows.config import load_run_config
+    from olive_grove.flows.finetune import step_context
 
     cfg, _ = load_run_config(args.config)
     return list_cache(Path(step_context(cfg).cache_dir)), cfg  # a shared cache: this machine's copy of it
@@ -220,7 +220,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    from tasks.caching import remove_entry
+    from olive_grove.tasks.caching import remove_entry
 
     entries, cfg = _cache_entries(args)
     if args.only_config:
@@ -254,7 +254,7 @@ def _size(n: float) -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from flows.submit import submit
+    from olive_grove.flows.submit import submit
 
     options, cfg, _ = checked_config(args)
     deployment, run_id = submit(cfg, str(args.config.resolve()), options.model_dump(exclude_defaults=True))
@@ -263,7 +263,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from tasks.inference import generate
+    from olive_grove.tasks.inference import generate
 
     if args.prompts_file:
         if not args.prompts_file.is_file():
@@ -286,7 +286,7 @@ def _prompt(line: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from flows.project import init_project
+    from olive_grove.flows.project import init_project
 
     for path in init_project(args.dir):
         print(path)
@@ -294,8 +294,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from flows.project import corpus_lines
-    from tasks.tiny_model import build_tiny_model
+    from olive_grove.flows.project import corpus_lines
+    from olive_grove.tasks.tiny_model import build_tiny_model
 
     out = build_tiny_model(args.dir, args.arch, corpus_lines(args.corpus))
     print(f"tiny {args.arch} model in {out}")

@@ -11,13 +11,13 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from flows.olive_compat import RENAMED_KEYS, Normalised, normalise
-from tasks.adapters import LoRASettings, QLoRASettings
-from tasks.data import AzureMLDatastore, DataConfig, listed_files
-from tasks.errors import UserError, UserErrors, nearest
-from tasks.merge import MergeSettings
-from tasks.models import ModelSource
-from tasks.onnx_build import ModelBuilderSettings
+from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings
+from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
+from olive_grove.tasks.errors import UserError, UserErrors, nearest
+from olive_grove.tasks.merge import MergeSettings
+from olive_grove.tasks.models import ModelSource
+from olive_grove.tasks.onnx_build import ModelBuilderSettings
 
 PassSettings = Annotated[
     LoRASettings | QLoRASettings | MergeSettings | ModelBuilderSettings, Field(discriminator="type")

@@ -12,22 +12,22 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 from pydantic import BaseModel, Field
 
-from blocks.azure import AZURE_STORAGE_BLOCK, use_azure_storage
-from blocks.hub import HF_TOKEN_BLOCK, use_hf_token
-from flows.config import RunConfig, load_run_config
-from flows.preflight import check_before_work, execution_provider
-from flows.quiet import quiet_libraries
-from flows.report import publish_outputs, write_report
-from tasks import steps
-from tasks.adapters import LoRASettings
-from tasks.artifact import Artifact, hash_files
-from tasks.caching import StepContext
-from tasks.data import fingerprint_data
-from tasks.errors import UserError
-from tasks.merge import MergeSettings
-from tasks.onnx_build import ModelBuilderSettings
-from tasks.shared_cache import SharedCache, local_copy_of
-from tasks.storage import is_url
+from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, use_azure_storage
+from olive_grove.blocks.hub import HF_TOKEN_BLOCK, use_hf_token
+from olive_grove.flows.config import RunConfig, load_run_config
+from olive_grove.flows.preflight import check_before_work, execution_provider
+from olive_grove.flows.quiet import quiet_libraries
+from olive_grove.flows.report import publish_outputs, write_report
+from olive_grove.tasks import steps
+from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.artifact import Artifact, hash_files
+from olive_grove.tasks.caching import StepContext
+from olive_grove.tasks.data import fingerprint_data
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.merge import MergeSettings
+from olive_grove.tasks.onnx_build import ModelBuilderSettings
+from olive_grove.tasks.shared_cache import SharedCache, local_copy_of
+from olive_grove.tasks.storage import is_url
 
 
 def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:

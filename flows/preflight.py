@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flows.config import RunConfig
-from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, check_training_args
-from tasks.azureml import connect
-from tasks.data import AzureMLDatastore, check_data
-from tasks.errors import UserError
-from tasks.models import check_model_source, has_cuda, linear_module_names
-from tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
-from tasks.storage import Remote, is_url
+from olive_grove.flows.config import RunConfig
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, check_training_args
+from olive_grove.tasks.azureml import connect
+from olive_grove.tasks.data import AzureMLDatastore, check_data
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import check_model_source, has_cuda, linear_module_names
+from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
+from olive_grove.tasks.storage import Remote, is_url
 
 
 def check_before_work(cfg: RunConfig) -> None:

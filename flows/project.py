@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import UserError
+from olive_grove.tasks.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "templates"
 # The folders of Olive's E2E sample, and what each is for.

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.config import RunConfig
-from tasks.artifact import Artifact
-from tasks.caching import SOURCE_STAMP, publish_copy
-from tasks.storage import Remote, is_url, join
+from olive_grove.flows.config import RunConfig
+from olive_grove.tasks.artifact import Artifact
+from olive_grove.tasks.caching import SOURCE_STAMP, publish_copy
+from olive_grove.tasks.storage import Remote, is_url, join
 
 
 def publish_outputs(outputs: dict[str, Artifact], output_dir: str) -> dict[str, str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.config import RunConfig
-from tasks.errors import UserError
+from olive_grove.flows.config import RunConfig
+from olive_grove.tasks.errors import UserError
 
 FLOW_NAME = "finetune"
 # Olive's system types and the work pools of deployments/prefect.yaml that stand for them.

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.artifact import read_memo, write_memo
-from tasks.collate import pad_collator
-from tasks.errors import UserError, nearest
-from tasks.evaluate import heldout_loss
-from tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
-from tasks.speed import local_rank, world_size
+from olive_grove.tasks.artifact import read_memo, write_memo
+from olive_grove.tasks.collate import pad_collator
+from olive_grove.tasks.errors import UserError, nearest
+from olive_grove.tasks.evaluate import heldout_loss
+from olive_grove.tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
+from olive_grove.tasks.speed import local_rank, world_size
 
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
@@ -145,7 +145,7 @@ def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    from tasks.models import torch_dtype
+    from olive_grove.tasks.models import torch_dtype
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -225,7 +225,7 @@ def build_trainer(
     from transformers import Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from tasks.speed import (
+    from olive_grove.tasks.speed import (
         compile_layers,
         fast_training_args,
         gradients_outside_graphs,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks.errors import UserError
+from olive_grove.tasks.errors import UserError
 
 
 @dataclass(frozen=True)

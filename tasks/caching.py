@@ -15,8 +15,8 @@ from typing import Any
 from prefect.locking.filesystem import FileSystemLockManager
 from pydantic import BaseModel
 
-from tasks.artifact import Artifact, hash_value, move_into_place
-from tasks.shared_cache import SharedCache
+from olive_grove.tasks.artifact import Artifact, hash_value, move_into_place
+from olive_grove.tasks.shared_cache import SharedCache
 
 # Libraries whose versions decide what a step produces; a new version is a cache miss.
 OUTPUT_LIBRARIES = (

@@ -9,11 +9,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.artifact import hash_file, hash_value
-from tasks.collate import IGNORE_INDEX
-from tasks.errors import UserError
-from tasks.models import load_tokenizer
-from tasks.storage import fetch_files, file_fingerprint, filesystem, is_pattern, is_url, not_found, storage_error
+from olive_grove.tasks.artifact import hash_file, hash_value
+from olive_grove.tasks.collate import IGNORE_INDEX
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import load_tokenizer
+from olive_grove.tasks.storage import (
+    fetch_files,
+    file_fingerprint,
+    filesystem,
+    is_pattern,
+    is_url,
+    not_found,
+    storage_error,
+)
 
 LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks import adapters
-from tasks.errors import UserError
-from tasks.speed import effective_batch, local_rank, release_compiled_layers
+from olive_grove.tasks import adapters
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.speed import effective_batch, local_rank, release_compiled_layers
 
 # Lines process 0 prints for the launching step: progress, and messages for the run log.
 PROGRESS = "olive-grove-progress "
@@ -70,7 +70,7 @@ def train(
         spec, metrics, error = (Path(tmp) / name for name in ("call.json", "metrics.json", "error.json"))
         spec.write_text(json.dumps({**call, "metrics": str(metrics), "error": str(error)}))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "tasks.data_parallel", str(spec)]  # fmt: skip
+                   "-m", "olive_grove.tasks.data_parallel", str(spec)]  # fmt: skip
         failed = _follow(command, on_progress, log)
         if error.is_file():  # a user mistake found by a process: the same one-line error as in-process
             raise UserError(*json.loads(error.read_text()))

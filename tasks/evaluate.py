@@ -10,7 +10,7 @@ def heldout_loss(model, eval_dir: Path, pad_id: int, batch_size: int = 4) -> flo
     import datasets
     import torch
 
-    from tasks.collate import IGNORE_INDEX, pad_collator
+    from olive_grove.tasks.collate import IGNORE_INDEX, pad_collator
 
     eval_set = datasets.load_from_disk(str(eval_dir))
     collate = pad_collator(pad_id)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.errors import UserError
-from tasks.models import load_causal_lm, load_tokenizer
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import load_causal_lm, load_tokenizer
 
 
 def model_kind(path: Path) -> str:

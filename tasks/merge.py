@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.evaluate import heldout_loss
-from tasks.models import load_causal_lm, load_tokenizer
+from olive_grove.tasks.evaluate import heldout_loss
+from olive_grove.tasks.models import load_causal_lm, load_tokenizer
 
 
 class MergeSettings(BaseModel):

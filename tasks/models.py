@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.artifact import Artifact, hash_files, hash_value, move_into_place, read_memo, write_memo
-from tasks.azureml import connect, find_model_folder
-from tasks.errors import UserError
-from tasks.storage import Remote, file_fingerprint, is_url
+from olive_grove.tasks.artifact import Artifact, hash_files, hash_value, move_into_place, read_memo, write_memo
+from olive_grove.tasks.azureml import connect, find_model_folder
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.storage import Remote, file_fingerprint, is_url
 
 # Answers that cost seconds to compute and depend only on what is installed and the model's config.
 NAMES_MEMO = Path.home() / ".cache" / "olive-grove"

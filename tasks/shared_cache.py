@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.artifact import hash_value
-from tasks.storage import Remote
+from olive_grove.tasks.artifact import hash_value
+from olive_grove.tasks.storage import Remote
 
 
 def local_copy_of(url: str) -> Path:

@@ -14,11 +14,11 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.transactions import IsolationLevel, get_transaction
 
-from tasks import adapters, data, data_parallel, merge, onnx_build
-from tasks.artifact import Artifact
-from tasks.caching import LiveHolderLockManager, StepContext, step_key
-from tasks.errors import UserError
-from tasks.models import ModelSource, linear_module_names, resolve_model
+from olive_grove.tasks import adapters, data, data_parallel, merge, onnx_build
+from olive_grove.tasks.artifact import Artifact
+from olive_grove.tasks.caching import LiveHolderLockManager, StepContext, step_key
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import ModelSource, linear_module_names, resolve_model
 
 # Bump a step's version when its code changes what it produces: old cache entries then miss.
 CODE_VERSIONS = {"prepare_dataset": "2", "train_adapter": "8", "merge_adapter": "3", "build_onnx_model": "1"}

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tasks.artifact import hash_value, move_into_place
-from tasks.errors import UserError
+from olive_grove.tasks.artifact import hash_value, move_into_place
+from olive_grove.tasks.errors import UserError
 
 CREDENTIALS_HINT = (
     "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or Azure login, "

@@ -65,16 +65,16 @@ from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_A
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory) -> Path:
     """A tiny random Phi-3 with a BPE tokenizer trained on the shipped tone dataset; built once."""
-    from flows.project import corpus_lines
-    from tasks.tiny_model import build_tiny_model
+    from olive_grove.flows.project import corpus_lines
+    from olive_grove.tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), "phi3", corpus_lines([TONE_DATASET]))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from flows.project import corpus_lines
-    from tasks.tiny_model import build_tiny_model
+    from olive_grove.flows.project import corpus_lines
+    from olive_grove.tasks.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", corpus_lines([TONE_DATASET]))
 
@@ -85,7 +85,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_dataset(tiny_llama, tmp_path_factory) -> Path:
     """The tone dataset prepared for the tiny llama (join, 64 tokens) with a 10 % eval split."""
-    from tasks.data import DataConfig, prepare_dataset
+    from olive_grove.tasks.data import DataConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("llama-dataset")
     config = DataConfig.model_validate(
@@ -108,7 +108,7 @@ def llama_dataset(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]:
     """A LoRA adapter trained for 2 steps on the tiny llama by the real training code (no Prefect)."""
-    from tasks.adapters import LoRASettings, train_adapter
+    from olive_grove.tasks.adapters import LoRASettings, train_adapter
 
     root = tmp_path_factory.mktemp("llama-adapter")
     settings = LoRASettings.model_validate(

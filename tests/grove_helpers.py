@@ -41,8 +41,8 @@ class GroveResult:
 
 
 def grove(*argv: str | Path) -> GroveResult:
-    """Run `grove ARGS` in-process (the real entry point, flows.cli.main) and capture what it prints."""
-    from flows.cli import main
+    """Run `grove ARGS` in-process (the real entry point, olive_grove.flows.cli.main) and capture what it prints."""
+    from olive_grove.flows.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     started = time.perf_counter()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from grove_helpers import SHARED_CONFIGS, TONE_DATASET, grove, read_report, step, tiny_run_config, write_project
 
-from tasks.azureml import BlobLocation
-from tasks.data import DataConfig, fingerprint_data, local_data_files
-from tasks.models import ModelSource, resolve_model
-from tasks.storage import Remote
+from olive_grove.tasks.azureml import BlobLocation
+from olive_grove.tasks.data import DataConfig, fingerprint_data, local_data_files
+from olive_grove.tasks.models import ModelSource, resolve_model
+from olive_grove.tasks.storage import Remote
 
 
 def put_folder(storage, local: Path, url: str) -> None:
@@ -94,8 +94,8 @@ def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_s
     rows = [{"Question": "Why?", "Best Answer": "Because."}] * 40
     fs.pipe_file(f"{store}/UI/qa/train.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
     workspace = AzuriteWorkspace(azure_storage.account, store)
-    monkeypatch.setattr("flows.preflight.connect", lambda client, where: workspace)
-    monkeypatch.setattr("tasks.models.connect", lambda client, where: workspace)
+    monkeypatch.setattr("olive_grove.flows.preflight.connect", lambda client, where: workspace)
+    monkeypatch.setattr("olive_grove.tasks.models.connect", lambda client, where: workspace)
     put_folder(azure_storage, tiny_phi3, f"az://{store}/registries/azureml-msr/microsoft/Phi-3-mini-4k-instruct/11")
     monkeypatch.setenv("OLIVE_GROVE_MODEL_CACHE", str(tmp_path / "models"))
 
@@ -103,8 +103,8 @@ def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_s
     path = "data_configs.0.load_dataset_config.data_files.relative_path=UI/qa/train.jsonl"
     result = grove("validate", "--config", guide, "--set", path)
     assert result.rc == 0, result.err
-    from flows.config import load_run_config
-    from flows.preflight import resolve_datastores
+    from olive_grove.flows.config import load_run_config
+    from olive_grove.flows.preflight import resolve_datastores
 
     cfg, _ = load_run_config(guide, [path])
     resolve_datastores(cfg)
@@ -154,7 +154,7 @@ def test_storage_mistakes_are_one_line_naming_the_uri(tmp_path, tiny_phi3, azure
         cfg["cache_dir"] = "az://missing-cache/olive"
     if case == "no credentials":
         monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
-        monkeypatch.setattr("flows.finetune.use_azure_storage", lambda: False)  # nor a block
+        monkeypatch.setattr("olive_grove.flows.finetune.use_azure_storage", lambda: False)  # nor a block
     if case == "wrong key":
         monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_storage.connection_string("d3Jvbmc="))
     config = write_project(tmp_path, cfg)

@@ -6,7 +6,7 @@ import os
 
 from grove_helpers import TONE_DATASET, grove, tiny_run_config, write_project
 
-from blocks.azure import AZURE_STORAGE_BLOCK, save_azure_storage
+from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, save_azure_storage
 
 
 def test_the_block_reaches_blob_storage_when_the_environment_has_no_credentials(tmp_path, tiny_phi3, azure_storage):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from grove_helpers import grove, tiny_run_config, write_project
 
-from blocks.hub import HF_TOKEN_BLOCK, load_hf_token, save_hf_token
+from olive_grove.blocks.hub import HF_TOKEN_BLOCK, load_hf_token, save_hf_token
 
 FAKE_TOKEN = "hf_FAKEtokenFORolivegroveTESTS0123456789"
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 def test_prefect_yaml_deploys_every_deployment(prefect_server: PrefectServer, deployments):
     local = deployments["finetune-local"]
     assert local["work_pool_name"] == "local"
-    assert local["entrypoint"] == "flows/finetune.py:finetune"
+    assert local["entrypoint"] == "olive_grove.flows.finetune.finetune"
     assert local["parameters"] == {"config": "examples/tone/tiny-cpu.json"}
     # Left as a template at deploy time; each worker resolves it from its own environment.
     assert local["pull_steps"] == [

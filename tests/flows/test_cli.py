@@ -333,7 +333,7 @@ def test_validate_print_shows_the_normalised_config_and_notes(tmp_path: Path, ti
 
 
 def test_unknown_command_is_a_usage_error(capsys):
-    from flows.cli import main
+    from olive_grove.flows.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
@@ -422,6 +422,6 @@ def test_tiny_model_with_a_missing_corpus(tmp_path: Path):
 
 
 def test_phi3_fixture_has_the_guide_target_modules(tiny_phi3: Path):
-    from tasks.models import linear_module_names
+    from olive_grove.tasks.models import linear_module_names
 
     assert set(PHI3_MODULES) <= linear_module_names(str(tiny_phi3))

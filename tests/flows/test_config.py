@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from grove_helpers import SHARED_CONFIGS, tiny_run_config, write_project
 
-from flows.config import load_run_config
-from tasks.adapters import LoRASettings, QLoRASettings
-from tasks.data import AzureMLDatastore
-from tasks.errors import UserError
-from tasks.merge import MergeSettings
-from tasks.onnx_build import ModelBuilderSettings
+from olive_grove.flows.config import load_run_config
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings
+from olive_grove.tasks.data import AzureMLDatastore
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.merge import MergeSettings
+from olive_grove.tasks.onnx_build import ModelBuilderSettings
 
 SHARED = sorted(SHARED_CONFIGS.glob("*.json")) if SHARED_CONFIGS.is_dir() else []
 needs_shared = pytest.mark.skipif(not SHARED, reason=f"no Olive configs at {SHARED_CONFIGS} (the seed documents)")

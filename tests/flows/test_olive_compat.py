@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from grove_helpers import SHARED_CONFIGS, write_project
 
-from flows.config import load_run_config
-from flows.olive_compat import normalise
-from tasks.errors import UserError
+from olive_grove.flows.config import load_run_config
+from olive_grove.flows.olive_compat import normalise
+from olive_grove.tasks.errors import UserError
 
 NESTED = {
     "input_model": {

@@ -23,7 +23,7 @@ PHI3 = ["o_proj", "qkv_proj"]
 
 def start_grove(config: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "olive_grove.flows.cli", "run", "--config", str(config)],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # so a kill reaches the whole run, like a lost machine

@@ -10,12 +10,12 @@ import pytest
 import torch
 from grove_helpers import LLAMA_MODULES, PHI3_MODULES
 
-from tasks import speed
-from tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
-from tasks.collate import pad_collator
-from tasks.errors import UserError
-from tasks.models import linear_module_names
-from tasks.speed import fast_training_args, gradients_outside_graphs
+from olive_grove.tasks import speed
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
+from olive_grove.tasks.collate import pad_collator
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import linear_module_names
+from olive_grove.tasks.speed import fast_training_args, gradients_outside_graphs
 
 
 def test_lora_defaults():
@@ -191,7 +191,7 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    from tasks.adapters import lora_config
+    from olive_grove.tasks.adapters import lora_config
 
     path: Path = request.getfixturevalue(arch)
     settings = LoRASettings(train_data_config="d", r=4, lora_dropout=0.0, target_modules=modules)
@@ -231,7 +231,7 @@ def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from tasks.adapters import build_trainer
+    from olive_grove.tasks.adapters import build_trainer
 
     rows = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(24)]
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.adapters import LoRASettings
-from tasks.artifact import Artifact, hash_files
-from tasks.caching import (
+from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.artifact import Artifact, hash_files
+from olive_grove.tasks.caching import (
     LiveHolderLockManager,
     StepContext,
     StepFolder,
@@ -165,7 +165,7 @@ def test_a_lock_whose_holder_died_is_free(tmp_path: Path):
         f"""
         import os
         from pathlib import Path
-        from tasks.caching import LiveHolderLockManager
+        from olive_grove.tasks.caching import LiveHolderLockManager
         manager = LiveHolderLockManager(lock_files_directory=Path({str(tmp_path)!r}))
         assert manager.acquire_lock("train_adapter-k", holder="dead-run")
         os._exit(0)  # dies holding the lock
@@ -191,6 +191,6 @@ def test_a_live_holders_lock_is_held(tmp_path: Path):
 
 @pytest.mark.parametrize("step", ["prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model"])
 def test_every_cached_step_has_a_code_version(step: str):
-    from tasks.steps import CODE_VERSIONS
+    from olive_grove.tasks.steps import CODE_VERSIONS
 
     assert CODE_VERSIONS[step]

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from grove_helpers import TONE_DATASET, TONE_TEMPLATE, tone_rows
 
-from tasks.data import (
+from olive_grove.tasks.data import (
     IGNORE_INDEX,
     DataConfig,
     TextSettings,
@@ -20,8 +20,8 @@ from tasks.data import (
     template_fields,
     tokenize_rows,
 )
-from tasks.errors import UserError
-from tasks.models import load_tokenizer
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import load_tokenizer
 
 QA_TEMPLATE = "<|user|>\n{Question}<|end|>\n<|assistant|>\n{Best Answer}\n<|end|>"
 QA_ROWS = [
@@ -213,7 +213,7 @@ def test_seeded_eval_split_is_reproducible(tmp_path: Path, tiny_phi3: Path):
 
 
 def test_eval_dataset_size_as_a_count(tmp_path: Path, tiny_phi3: Path):
-    from tasks.adapters import LoRASettings
+    from olive_grove.tasks.adapters import LoRASettings
 
     size = LoRASettings.model_validate({"train_data_config": "d", "eval_dataset_size": 3}).eval_dataset_size
     stats = prepare_dataset(_tone_config(), "d", str(tiny_phi3), size, 42, tmp_path)

@@ -8,8 +8,8 @@ from pathlib import Path
 from grove_helpers import LLAMA_MODULES, TRAINING_ARGS
 from safetensors.torch import load_file
 
-from tasks import data_parallel
-from tasks.adapters import LoRASettings
+from olive_grove.tasks import data_parallel
+from olive_grove.tasks.adapters import LoRASettings
 
 
 def settings(processes: int | str, **args) -> LoRASettings:

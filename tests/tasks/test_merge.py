@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tasks.merge import MergeSettings, merge_adapter
-from tasks.models import load_causal_lm, load_tokenizer
+from olive_grove.tasks.merge import MergeSettings, merge_adapter
+from olive_grove.tasks.models import load_causal_lm, load_tokenizer
 
 PROMPT = "### Text: We just got the keys to our very first home!\n### The tone is:\n"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tasks.inference import generate, model_kind
-from tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
+from olive_grove.tasks.inference import generate, model_kind
+from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
 
 
 def _matmul_nbits(folder: Path) -> list[dict]:

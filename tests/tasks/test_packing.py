@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks.collate import pad_collator
-from tasks.data import TextSettings, tokenize_rows
-from tasks.models import load_tokenizer
+from olive_grove.tasks.collate import pad_collator
+from olive_grove.tasks.data import TextSettings, tokenize_rows
+from olive_grove.tasks.models import load_tokenizer
 
 ROWS = [
     "<s> I lost my keys at the airport and nobody could help me </s>",
