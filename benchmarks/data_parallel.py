@@ -1,6 +1,6 @@
 """Data-parallel scaling of olive-grove's training step: one GPU against all of them, same everything else.
 
-The real step (`olive_grove.tasks.data_parallel.train`, which launches itself under torchrun for several GPUs) trains
+The real step (`olive_grove.tasks.adapters.train_adapter`, which launches itself under torchrun for several GPUs) trains
 a random Phi-3-mini-shaped model, saved to disk first, on synthetic 2048-token samples; the same LoRA,
 effective batch and optimizer steps in both runs. Tokens/s counts the steps after warm-up, timed by the
 progress process 0 reports.
@@ -26,8 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import GUIDE_ARGS, phi3_mini_config
-from olive_grove.tasks import data_parallel
-from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.adapters import LoRASettings, train_adapter
+from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, TrainingProgress
+from olive_grove.tasks.data import DatasetInfo
+from olive_grove.tasks.models import ModelInfo
 from olive_grove.tasks.tiny_model import train_tokenizer
 
 
@@ -58,17 +60,33 @@ def measure(model: Path, data: Path, root: Path, processes: int, steps: int, war
     settings = LoRASettings(train_data_config="x", r=64, alpha=64, lora_dropout=0.1,
                             target_modules=["qkv_proj", "o_proj"], processes=processes, training_args=args,
                             torch_dtype="bfloat16" if torch.cuda.is_available() else "float32")  # fmt: skip
-    stamps: dict[int, float] = {}
+    clock = StepClock()
     started = time.perf_counter()
-    metrics = data_parallel.train(settings, str(model), data, root / f"ck{processes}", root / f"adapter{processes}",
-                                  on_progress=lambda step, total, loss: stamps.setdefault(step, time.perf_counter()),
-                                  log=lambda m: print(f"  {m}"))  # fmt: skip
-    samples = (steps - warmup) * args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
-    seconds = stamps[steps] - stamps[warmup]
     length = 64 if tiny else 2048
-    return {"processes": metrics["processes"], "micro_batch": metrics["micro_batch"],
-            "tok_s": samples * length / seconds, "train_loss": metrics["train_loss"],
-            "wall_s": time.perf_counter() - started}  # fmt: skip
+    rows = steps * args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
+    dataset = DatasetInfo(rows=rows, samples={"train": rows}, tokens=rows * length, strategy="join", max_seq_len=length)
+    out = root / f"adapter{processes}"
+    out.mkdir()
+    base = Artifact(path=str(model), fingerprint="", info=ModelInfo(source="local", name=str(model)))
+    info = train_adapter(settings, StepFiles(out=out, work=root / f"work{processes}", downloads=root), clock,
+                         model=base, dataset=Artifact(path=str(data), fingerprint="", info=dataset))  # fmt: skip
+    samples = (steps - warmup) * args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
+    seconds = clock.stamps[steps] - clock.stamps[warmup]
+    return {"processes": info.processes, "micro_batch": info.micro_batch, "tok_s": samples * length / seconds,
+            "train_loss": info.train_loss, "wall_s": time.perf_counter() - started}  # fmt: skip
+
+
+class StepClock(Reporter):
+    """When each optimizer step ended, from the step's own progress reports."""
+
+    def __init__(self) -> None:
+        self.stamps: dict[int, float] = {}
+
+    def log(self, message: str) -> None:
+        print(f"  {message}")
+
+    def progress(self, update: TrainingProgress) -> None:
+        self.stamps.setdefault(update.step, time.perf_counter())
 
 
 def main(argv: list[str] | None = None) -> dict:

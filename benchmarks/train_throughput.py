@@ -28,10 +28,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, build_trainer, lora_config
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, make_trainer
+from olive_grove.tasks.artifact import Reporter
 from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.data import pack_rows
-from olive_grove.tasks.speed import release_compiled_layers
+from olive_grove.tasks.speed import Placement, release_compiled_layers
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels")  # what --set may change
@@ -161,7 +162,7 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
                             target_modules=["qkv_proj", "o_proj"])  # fmt: skip
     meter = Meter(warmup)
     trainer = Trainer(
-        model=get_peft_model(model, lora_config(settings)),
+        model=get_peft_model(model, settings.peft_config()),
         args=TrainingArguments(
             output_dir=str(out),
             max_steps=steps,
@@ -188,11 +189,20 @@ def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_
                                    "disable_tqdm": True}, **overrides)  # fmt: skip
     data = pack_rows(rows, pack_to) if pack_to else unpacked(rows)
     meter = Meter(warmup)
-    trainer = build_trainer(settings, model, 0, as_dataset(data), None, out, log=lambda m: print(f"  {m}"))
+    from peft import get_peft_model
+
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, settings.peft_config())
+    trainer = make_trainer(settings, peft_model, 0, as_dataset(data), None, out, Placement(), IndentedReporter())
     trainer.data_collator = meter.collator(trainer.data_collator)
     trainer.add_callback(meter.callback())
     trainer.train()
     return meter.tokens_per_second(), meter.peak_gib()
+
+
+class IndentedReporter(Reporter):
+    def log(self, message: str) -> None:
+        print(f"  {message}")
 
 
 def flops_per_token(cfg, n_params: int, context: float) -> float:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
+
+from olive_grove.blocks.env import scoped_environment
 
 HF_TOKEN_BLOCK = "hf-token"
 
@@ -17,15 +20,14 @@ def load_hf_token(block_name: str = HF_TOKEN_BLOCK) -> str | None:
         return None
 
 
-def use_hf_token(block_name: str = HF_TOKEN_BLOCK) -> bool:
-    """Let this process's hub downloads use the block's token (huggingface_hub reads HF_TOKEN).
-
-    The token goes nowhere else: not into a parameter, a log line, a cache key, a result or a file.
-    """
+@contextlib.contextmanager
+def hf_token(block_name: str = HF_TOKEN_BLOCK) -> Iterator[bool]:
+    """Inside the block, hub downloads use the Secret block's token (huggingface_hub reads HF_TOKEN);
+    yields whether there is one. The token goes nowhere else: not into a parameter, a log line, a cache
+    key, a result or a file."""
     token = load_hf_token(block_name)
-    if token:
-        os.environ["HF_TOKEN"] = token
-    return token is not None
+    with scoped_environment({"HF_TOKEN": token} if token else {}):
+        yield token is not None
 
 
 def save_hf_token(token: str, block_name: str = HF_TOKEN_BLOCK) -> None:

@@ -9,26 +9,35 @@ import sys
 import time
 from pathlib import Path
 
-from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.errors import NoCredentials, UserError, UserErrors
 from olive_grove.tasks.storage import is_url
 
 EXIT_USER_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    from olive_grove.flows.quiet import quiet_libraries
+    from olive_grove.tasks.quiet import quiet_library_defaults
 
     # Without PREFECT_API_URL each run starts Prefect's temporary local server; on a busy 2-core machine
     # (or with several runs starting together) it needs longer than Prefect's default 20 s to come up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    quiet_libraries()
+    quiet_library_defaults()
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
     except UserError as exc:
-        for line in exc.line().splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        for error in exc.errors if isinstance(exc, UserErrors) else [exc]:
+            print(f"error: {_with_block_hint(error).line()}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _with_block_hint(error: UserError) -> UserError:
+    """Missing storage credentials can also come from the block this CLI saves."""
+    if not isinstance(error, NoCredentials):
+        return error
+    from olive_grove.blocks.azure import SAVE_HINT
+
+    return NoCredentials(error.where, error.problem, f"{error.hint}, {SAVE_HINT}" if error.hint else SAVE_HINT)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     )
     for name, handler, help in (
         ("ls", cmd_cache_ls, "list cached step results with their sizes and ages"),
+        ("verify", cmd_cache_verify, "check every cached step result against its manifest, hashing every file"),
         ("prune", cmd_cache_prune, "remove cached step results, by age or by the config that made them"),
     ):
         sub = cache.add_parser(name, help=help, description=help)
@@ -126,13 +136,13 @@ def _days(text: str) -> float:
 
 def checked_config(args: argparse.Namespace):
     """The run options from `--set`, and the config they give, checked before any work."""
-    from olive_grove.flows.finetune import RunOptions, use_credentials
+    from olive_grove.flows.finetune import RunOptions, credentials_for, step_context
     from olive_grove.flows.preflight import check_before_work
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
-    use_credentials(cfg, lambda *_: None)  # the flow logs where its credentials came from, to its run log
-    check_before_work(cfg)
+    with credentials_for(cfg, lambda *_: None):  # the flow logs where its credentials came from, to its run log
+        check_before_work(cfg, step_context(cfg))
     return options, cfg, notes
 
 
@@ -217,6 +227,21 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
         print(f"{entry.step:18} {entry.key:52} {_size(entry.size_bytes):>9} {age:6.1f} days")
     print(f"{len(entries)} entries, {_size(sum(e.size_bytes for e in entries))}")
     return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from olive_grove.tasks.caching import damage, remove_entry
+
+    entries, _ = _cache_entries(args)
+    damaged = 0
+    for entry in entries:
+        problem = damage(entry.folder, thorough=True)
+        if problem:
+            damaged += 1
+            remove_entry(entry)  # a damaged entry is never served: the next run computes it again
+            print(f"removed {entry.step}/{entry.key}: {problem}")
+    print(f"{len(entries)} entries checked, {damaged} damaged and removed")
+    return 1 if damaged else 0
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:

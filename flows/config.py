@@ -12,26 +12,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
 from olive_grove.tasks.errors import UserError, UserErrors, nearest
-from olive_grove.tasks.merge import MergeSettings
 from olive_grove.tasks.models import ModelSource
-from olive_grove.tasks.onnx_build import ModelBuilderSettings
+from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
+from olive_grove.tasks.passes import PASS_TYPES, TRAIN_ADAPTER, Output
 
-PassSettings = Annotated[
-    LoRASettings | QLoRASettings | MergeSettings | ModelBuilderSettings, Field(discriminator="type")
-]
-TRAINING_PASSES = (LoRASettings, QLoRASettings)
+AnyPass = Annotated[Union[tuple(t.settings for t in PASS_TYPES.values())], Field(discriminator="type")]  # noqa: UP007
 AZURE_PROTOCOLS = {"az", "abfs", "abfss"}
-# Keys Olive knows that change nothing here; accepted, and named once in the log.
-NO_EFFECT = {
-    "engine.search_strategy", "engine.evaluate_input_model", "engine.clean_cache", "engine.clean_evaluation_cache",
-    "engine.packaging_config", "engine.output_name", "engine.plot_pareto_frontier", "engine.no_artifacts",
-    "engine.evaluator", "engine.ort_log_severity_level", "input_model.task", "input_model.model_file_format",
-    "azureml_client.keyvault_name",
-    "input_model.load_kwargs.attn_implementation", "input_model.load_kwargs.torch_dtype",
-}  # fmt: skip
+DESCRIBED: dict[Output, str] = {"model": "a model", "adapter": "an adapter", "onnx": "an ONNX model"}
+
+
+def no_effect(why: str = "") -> Any:
+    """A key Olive has that changes nothing here: accepted, and named once in the log (with `why`)."""
+    return Field(None, json_schema_extra={"no_effect": why})
 
 
 class _Strict(BaseModel):
@@ -41,8 +35,8 @@ class _Strict(BaseModel):
 class LoadKwargs(_Strict):
     trust_remote_code: bool = False
     revision: str | None = None
-    attn_implementation: str | None = None
-    torch_dtype: str | None = None
+    attn_implementation: str | None = no_effect("transformers picks the attention implementation")
+    torch_dtype: str | None = no_effect("each pass sets the dtype it loads the model in")
 
 
 class RegistryModel(_Strict):
@@ -57,10 +51,10 @@ class RegistryModel(_Strict):
 class InputModel(_Strict):
     type: Literal["HfModel"] = "HfModel"
     model_path: str | dict[str, Any] = Field(description="a local model folder, a hub id, or a registry model")
-    task: str = "text-generation"
+    task: str | None = no_effect("olive-grove fine-tunes text generation")
     load_kwargs: LoadKwargs = Field(default_factory=LoadKwargs)
     adapter_path: str | None = Field(None, description="a trained PEFT adapter to merge or build from")
-    model_file_format: str | None = None
+    model_file_format: str | None = no_effect()
 
     @model_validator(mode="after")
     def _registry(self) -> InputModel:
@@ -97,28 +91,31 @@ class Accelerator(_Strict):
     execution_providers: list[str] | None = None
 
 
+POOL_DECIDES = "the work pool's job template decides where and how the flow runs"
+
+
 class SystemConfig(_Strict):
     """An Olive system; here it names the Prefect work pool that runs the flow."""
 
     type: Literal["LocalSystem", "AzureML", "Docker", "PythonEnvironment", "IsolatedORT"]
     accelerators: list[Accelerator | Literal["cpu", "gpu", "npu"]] = Field(default_factory=list)
     work_pool: str | None = Field(None, description="the Prefect work pool; default: by system type")
-    aml_compute: str | None = None
-    aml_docker_config: dict[str, Any] | None = None
-    aml_environment_config: dict[str, Any] | None = None
-    hf_token: bool = False
-    is_dev: bool = False
-    instance_count: int | None = None
-    image_name: str | None = None
-    local_docker_config: dict[str, Any] | None = None
-    python_environment_path: str | None = None
+    hf_token: bool = Field(False, description="hand the Secret block 'hf-token' to the hub client")
+    aml_compute: str | None = no_effect(POOL_DECIDES)
+    aml_docker_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
+    aml_environment_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
+    is_dev: bool | None = no_effect()
+    instance_count: int | None = no_effect(POOL_DECIDES)
+    image_name: str | None = no_effect(POOL_DECIDES)
+    local_docker_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
+    python_environment_path: str | None = no_effect(POOL_DECIDES)
 
 
 class AzureMLClient(_Strict):
     subscription_id: str | None = None
     resource_group: str | None = None
     workspace_name: str | None = None
-    keyvault_name: str | None = None
+    keyvault_name: str | None = no_effect("secrets live in Prefect blocks")
     aml_config_path: str | None = None
     read_timeout: int | None = None
     max_operation_retries: int | None = None
@@ -134,17 +131,17 @@ class EngineConfig(_Strict):
     retries: int = Field(0, ge=0, description="olive-grove: retries of a step that failed for a passing reason")
     retry_delay_seconds: float = Field(30, ge=0, description="olive-grove: wait before each retry")
     execution_providers: list[str] | None = None
-    log_severity_level: int = Field(1, ge=0, le=4, description="0 verbose … 4 fatal, as in Olive")
-    search_strategy: Any = None
-    evaluate_input_model: bool | None = None
-    clean_cache: bool | None = None
-    clean_evaluation_cache: bool | None = None
-    packaging_config: Any = None
-    output_name: str | None = None
-    plot_pareto_frontier: bool | None = None
-    no_artifacts: bool | None = None
-    evaluator: Any = None
-    ort_log_severity_level: int | None = None
+    log_severity_level: int = Field(1, ge=0, le=4, description="the run log's level: 0 debug, 1 info … 4 fatal")
+    search_strategy: Any = no_effect("every pass runs once, with its settings")
+    evaluate_input_model: bool | None = no_effect()
+    clean_cache: bool | None = no_effect("grove cache prune removes cached steps")
+    clean_evaluation_cache: bool | None = no_effect()
+    packaging_config: Any = no_effect()
+    output_name: str | None = no_effect()
+    plot_pareto_frontier: bool | None = no_effect()
+    no_artifacts: bool | None = no_effect()
+    evaluator: Any = no_effect()
+    ort_log_severity_level: int | None = no_effect()
 
 
 class RunConfig(_Strict):
@@ -154,7 +151,7 @@ class RunConfig(_Strict):
 
     input_model: InputModel
     data_configs: list[DataConfig] = Field(default_factory=list)
-    passes: dict[str, PassSettings]
+    passes: dict[str, AnyPass]
     systems: dict[str, SystemConfig] = Field(default_factory=dict)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     azureml_client: AzureMLClient | None = None
@@ -162,12 +159,14 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
         names = [d.name for d in self.data_configs]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise UserError(f"data_configs[{index}].name", f"'{name}' names an earlier data config too",
+                                "give each data config its own name")  # fmt: skip
         for name, settings in self.passes.items():
-            if isinstance(settings, TRAINING_PASSES):
-                for key in ("train_data_config", "eval_data_config"):
-                    ref = getattr(settings, key)
-                    if ref is not None and ref not in names:
-                        raise UserError(f"passes.{name}.{key}", f"no data config named '{ref}'", nearest(ref, names))
+            for key, ref in settings.data_config_names().items():
+                if ref not in names:
+                    raise UserError(f"passes.{name}.{key}", f"no data config named '{ref}'", nearest(ref, names))
         for key in ("host", "target"):
             ref = getattr(self.engine, key)
             if ref is not None and ref not in self.systems:
@@ -177,8 +176,10 @@ class RunConfig(_Strict):
 
     def user_error(self, error: UserError) -> UserError:
         """The same error, located where the user wrote the key (the nested form nests deeper)."""
-        where = Normalised(config={}, origins=self._origins).user_path(error.where)
-        return UserError(where, error.problem, error.hint)
+        normalised = Normalised(config={}, origins=self._origins)
+        if isinstance(error, UserErrors):
+            return UserErrors([self.user_error(e) for e in error.errors])
+        return type(error)(normalised.user_path(error.where), error.problem, error.hint)
 
     def uses_azure_storage(self) -> bool:
         """Whether any location the run reads or writes is in Azure Storage."""
@@ -194,35 +195,30 @@ class RunConfig(_Strict):
     def model_source(self) -> ModelSource:
         return self.input_model.source(self.azureml_client)
 
-    def data_config(self, name: str) -> tuple[DataConfig, str]:
-        index = [d.name for d in self.data_configs].index(name)
-        return self.data_configs[index], f"data_configs[{index}]"
+    def data_where(self, name: str) -> str:
+        """The config path of the named data config."""
+        return f"data_configs[{[d.name for d in self.data_configs].index(name)}]"
 
 
 def check_pass_order(cfg: RunConfig) -> None:
-    """Each pass must be able to take what the one before it leaves."""
-    adapter_pending = cfg.input_model.adapter_path is not None
-    built = False
+    """Each pass must be able to take what the one before it leaves (the table's `after`)."""
+    previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
+    before = "input_model"
     for name, settings in cfg.passes.items():
-        where = f"passes.{name}"
-        if built:
-            raise UserError(where, "nothing can follow ModelBuilder", "put ModelBuilder last")
-        if isinstance(settings, TRAINING_PASSES):
-            if adapter_pending:
-                raise UserError(where, "an adapter is already waiting to be merged", "add MergeAdapterWeights first")
-            adapter_pending = True
-        elif isinstance(settings, MergeSettings):
-            if not adapter_pending:
-                raise UserError(
-                    where,
-                    "there is no adapter to merge",
-                    "put a LoRA/QLoRA pass before it or set input_model.adapter_path",
-                )
-            adapter_pending = False
-        elif isinstance(settings, ModelBuilderSettings):
-            if adapter_pending:
-                raise UserError(where, "ModelBuilder needs a merged model", "add MergeAdapterWeights before it")
-            built = True
+        entry = PASS_TYPES[settings.type]
+        if previous not in entry.after:
+            needs = " or ".join(DESCRIBED[o] for o in sorted(entry.after))
+            raise UserError(f"passes.{name}", f"{entry.name} takes {needs}, and {before} leaves {DESCRIBED[previous]}",
+                            _order_hint(entry.after, previous, before))  # fmt: skip
+        previous, before = entry.gives, f"passes.{name}"
+
+
+def _order_hint(wanted: frozenset[Output], previous: Output, before: str) -> str:
+    bridges = sorted(t.name for t in PASS_TYPES.values() if previous in t.after and t.gives in wanted)
+    if not bridges:
+        return f"nothing takes {DESCRIBED[previous]}: put {before} last"
+    hint = f"put {' or '.join(bridges)} before it"
+    return hint + ", or set input_model.adapter_path" if before == "input_model" and "adapter" in wanted else hint
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -293,7 +289,7 @@ def load_run_config(
     training pass — what the Prefect UI's run form sets without knowing the pass names.
     """
     path = Path(path)
-    normalised = normalise(read_config_file(path))
+    normalised = normalise(read_config_file(path), set(EngineConfig.model_fields))
     raw = normalised.config
     apply_overrides(raw, overrides or [])
     if output_dir:
@@ -301,16 +297,21 @@ def load_run_config(
     all_passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
     if passes is not None:
         raw["passes"] = all_passes = select_passes(all_passes, passes)
+    trains = [name for name, entry in PASS_TYPES.items() if entry.step is TRAIN_ADAPTER]
     for settings in all_passes.values():
-        if training_args and isinstance(settings, dict) and settings.get("type") in ("LoRA", "QLoRA"):
+        if training_args and isinstance(settings, dict) and settings.get("type") in trains:
             settings["training_args"] = {**(settings.get("training_args") or {}), **training_args}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise UserErrors(_user_errors(exc, normalised)) from None
-    resolve_paths(cfg, path.resolve().parent)
     cfg._origins = normalised.origins
-    return cfg, normalised.notes + no_effect_notes(raw)
+    resolve_paths(cfg, path.resolve().parent)
+    try:
+        resolve_execution_providers(cfg)
+    except UserError as exc:
+        raise cfg.user_error(exc) from None
+    return cfg, normalised.notes + [normalised.user_path(key) + note for key, note in no_effect_notes(cfg)]
 
 
 def select_passes(all_passes: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -355,22 +356,50 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
         setattr(cfg.engine, key, local(getattr(cfg.engine, key)))
 
 
-def no_effect_notes(raw: dict[str, Any]) -> list[str]:
-    notes = []
-    for key in sorted(NO_EFFECT):
-        node: Any = raw
-        for part in key.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is not _ABSENT:
-            notes.append(f"{key} has no effect in olive-grove")
-    passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
-    for name, settings in passes.items():
-        if isinstance(settings, dict) and settings.get("eval_data_config") and settings.get("eval_dataset_size"):
-            notes.append(f"passes.{name}.eval_dataset_size has no effect: eval_data_config gives the eval data")
-    return notes
+def resolve_execution_providers(cfg: RunConfig) -> None:
+    """Each ModelBuilder pass's provider: its own, else the engine's first, else the target system's, else CPU."""
+    names, where = list(cfg.engine.execution_providers or []), "engine.execution_providers"
+    target = cfg.systems.get(cfg.engine.target or "")
+    if not names and target:
+        where = f"systems.{cfg.engine.target}.accelerators"
+        for accelerator in target.accelerators:
+            if not isinstance(accelerator, str):
+                names += accelerator.execution_providers or []
+    if names and names[0] not in EXECUTION_PROVIDERS:
+        raise UserError(where, f"unknown execution provider {names[0]!r}", "one of " + ", ".join(EXECUTION_PROVIDERS))
+    default = EXECUTION_PROVIDERS[names[0]] if names else "cpu"
+    for settings in cfg.passes.values():
+        if isinstance(settings, ModelBuilderSettings) and settings.execution_provider is None:
+            settings.execution_provider = default
 
 
-_ABSENT = object()
+def no_effect_notes(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(key, note) for each key the config sets that olive-grove accepts from Olive and does not use."""
+    found: list[tuple[str, str]] = []
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, BaseModel):
+            for name in sorted(node.model_fields_set):
+                field = type(node).model_fields.get(name)
+                extra = field.json_schema_extra if field and isinstance(field.json_schema_extra, dict) else {}
+                key = f"{path}.{name}" if path else name
+                if "no_effect" in extra:
+                    why = f": {extra['no_effect']}" if extra["no_effect"] else ""
+                    found.append((key, f" has no effect in olive-grove{why}"))
+                else:
+                    visit(getattr(node, name), key)
+        elif isinstance(node, dict):
+            for name, value in node.items():
+                visit(value, f"{path}.{name}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                visit(value, f"{path}[{index}]")
+
+    visit(cfg, "")
+    for name, settings in cfg.passes.items():
+        if getattr(settings, "eval_data_config", None) and getattr(settings, "eval_dataset_size", None):
+            found.append((f"passes.{name}.eval_dataset_size", " has no effect: eval_data_config gives the eval data"))
+    return found
 
 
 def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:
@@ -398,18 +427,7 @@ def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError
 
 
 # Parts of a pydantic error location that name a union member rather than a key.
-_UNION_TAGS = {
-    "LoRA",
-    "QLoRA",
-    "MergeAdapterWeights",
-    "ModelBuilder",
-    "Accelerator",
-    "AzureMLDatastore",
-    "str",
-    "int",
-    "float",
-    "bool",
-}
+_UNION_TAGS = {*PASS_TYPES, "Accelerator", "AzureMLDatastore", "str", "int", "float", "bool"}
 
 
 def _is_tag(part: Any) -> bool:
@@ -426,12 +444,7 @@ def _dotted(loc: list[Any]) -> str:
 def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys valid at a location of the normalised config, for 'did you mean'."""
     node: Any = RunConfig
-    tags = {
-        "LoRA": LoRASettings,
-        "QLoRA": QLoRASettings,
-        "MergeAdapterWeights": MergeSettings,
-        "ModelBuilder": ModelBuilderSettings,
-    }
+    tags = {name: entry.settings for name, entry in PASS_TYPES.items()}
     for part in loc:
         if isinstance(part, str) and part in tags:
             node = tags[part]

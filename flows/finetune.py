@@ -1,182 +1,158 @@
-"""The `finetune` flow: the only place that knows the order of steps. It walks the config's passes in order."""
+"""The `finetune` flow: the only place that knows the order of steps. It walks the config's passes in order,
+calling the step the pass table names for each, and hands every step the Artifacts of the ones before it."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.states import State
 from pydantic import BaseModel, Field
 
-from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, use_azure_storage
-from olive_grove.blocks.hub import HF_TOKEN_BLOCK, use_hf_token
+from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, azure_storage_credentials
+from olive_grove.blocks.hub import HF_TOKEN_BLOCK, hf_token
 from olive_grove.flows.config import RunConfig, load_run_config
-from olive_grove.flows.preflight import check_before_work, execution_provider
-from olive_grove.flows.quiet import quiet_libraries
-from olive_grove.flows.report import publish_outputs, write_report
-from olive_grove.tasks import steps
-from olive_grove.tasks.adapters import LoRASettings
-from olive_grove.tasks.artifact import Artifact, hash_files
-from olive_grove.tasks.caching import StepContext
+from olive_grove.flows.preflight import check_before_work
+from olive_grove.flows.report import StepRecord, publish_outputs, write_report
+from olive_grove.tasks.adapters import AdapterInfo
+from olive_grove.tasks.artifact import Artifact
+from olive_grove.tasks.caching import StepContext, local_copy_of
 from olive_grove.tasks.data import fingerprint_data
 from olive_grove.tasks.errors import UserError
-from olive_grove.tasks.merge import MergeSettings
-from olive_grove.tasks.onnx_build import ModelBuilderSettings
-from olive_grove.tasks.shared_cache import SharedCache, local_copy_of
+from olive_grove.tasks.files import USER_CACHE, hash_files
+from olive_grove.tasks.passes import PASS_TYPES, PREPARE_DATASET, Step
+from olive_grove.tasks.quiet import quiet_library_defaults
+from olive_grove.tasks.steps import configured, fingerprint_base_model
 from olive_grove.tasks.storage import is_url
 
-
-def _run(task, record: list[dict[str, Any]], label: str, **kwargs: Any) -> Artifact:
-    """Run a task, note whether it came from the cache, and return its Artifact."""
-    started = time.perf_counter()
-    ctx: StepContext = kwargs["ctx"]
-    key, shared = steps.cache_key(task, kwargs), ctx.shared()
-    if key and shared:
-        shared.fetch_record(key)  # another machine's result becomes this run's cache hit
-    step = steps.configure_step(task, ctx)
-    state: State = step(**kwargs, return_state=True)
-    artifact: Artifact = state.result()
-    cached = state.name == "Cached"
-    if cached and not Path(artifact.path).is_dir():
-        # The record outlived its files' old place: the cache moved, the record came from another machine
-        # through the shared cache, or the files were deleted.
-        here = ctx.folder(task.name, artifact.fingerprint).final
-        if here.is_dir() or (shared and shared.fetch_folder(task.name, artifact.fingerprint, here)):
-            artifact = artifact.model_copy(update={"path": str(here)})
-        else:
-            artifact, cached = step.with_options(refresh_cache=True)(**kwargs), False
-    if key and shared:
-        _share(shared, task.name, artifact, label)
-    record.append(
-        {
-            "step": label,
-            "task": task.name,
-            "cached": cached,
-            "seconds": round(time.perf_counter() - started, 2),
-            "path": artifact.path,
-            "metadata": artifact.metadata,
-        }
-    )
-    if cached:
-        get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
-    return artifact
+# Olive's log_severity_level, 0 (verbose) to 4 (fatal), as Python's levels.
+LOG_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
-def _share(shared: SharedCache, step: str, artifact: Artifact, label: str) -> None:
-    """Upload a finished step to the shared cache; failing to share costs other machines a recompute, not
-    this run its result."""
-    try:
-        if shared.share(step, artifact.fingerprint, Path(artifact.path)):
-            get_run_logger().info("%s: shared through %s", label, shared.remote.url)
-    except UserError as exc:
-        get_run_logger().warning("%s: not shared: %s", label, exc.line())
+class StepRunner:
+    """Calls steps for one run: records what each did and whether it came from the cache, and moves a
+    user mistake a step finds to the config key it is about."""
 
+    def __init__(self, cfg: RunConfig, ctx: StepContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.record: list[StepRecord] = []
 
-def _prepare(record, label: str, cfg: RunConfig, data_name: str, model: Artifact, split, seed, ctx) -> Artifact:
-    data_config, where = cfg.data_config(data_name)
-    return _run(
-        steps.prepare_dataset_task,
-        record,
-        label,
-        config=data_config,
-        where=where,
-        model=model,
-        eval_dataset_size=split,
-        seed=seed if split else None,  # it only seeds the split
-        data_fingerprint=fingerprint_data(data_config),
-        ctx=ctx,
-    )
+    def run(self, step: Step, settings: Any, label: str, where: dict[str, str], **inputs: Artifact | None) -> Artifact:
+        """Run a cached step; `where` maps the first part of an error's key to its section of the config."""
+        task = configured(step, self.ctx).with_options(task_run_name=lambda: label)
+        return self._call(task, label, where, settings=settings, inputs=inputs, ctx=self.ctx)
 
-
-def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[dict[str, Any]]]:
-    """Call one task per pass, in the config's order; returns the final outputs and a record per step."""
-    record: list[dict[str, Any]] = []
-    source = cfg.model_source()
-    trust = source.trust_remote_code
-    model = _run(steps.fingerprint_base_model, record, "input_model", source=source, ctx=ctx)
-    outputs: dict[str, Artifact] = {}
-    adapter = None
-    if cfg.input_model.adapter_path:
-        adapter = Artifact(
-            kind="adapter",
-            path=cfg.input_model.adapter_path,
-            fingerprint=hash_files(Path(cfg.input_model.adapter_path)),
+    def fingerprint(self) -> Artifact:
+        task = fingerprint_base_model.with_options(
+            retries=self.ctx.retries, retry_delay_seconds=self.ctx.retry_delay_seconds, task_run_name="input_model"
         )
+        return self._call(task, "input_model", {"": "input_model.model_path"}, source=self.cfg.model_source(),
+                          ctx=self.ctx)  # fmt: skip
+
+    def _call(self, task, label: str, where: dict[str, str], **kwargs: Any) -> Artifact:
+        started = time.perf_counter()
+        state = task(**kwargs, return_state=True)
+        try:
+            artifact: Artifact = state.result()
+        except UserError as exc:
+            raise self.cfg.user_error(_relocated(exc, where)) from None
+        cached = state.name == "Cached"
+        seconds = round(time.perf_counter() - started, 2)
+        self.record.append(StepRecord(step=label, task=task.name, cached=cached, seconds=seconds,
+                                      artifact=artifact))  # fmt: skip
+        if cached:
+            get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
+        return artifact
+
+
+def _relocated(error: UserError, where: dict[str, str]) -> UserError:
+    head = error.where.split(".", 1)[0]
+    if head in where and head:
+        return type(error)(error.where[len(head) :].lstrip("."), error.problem, error.hint).under(where[head])
+    return error.under(where[""])
+
+
+def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[StepRecord]]:
+    """One step per pass, in the config's order (plus the dataset steps a pass asks for); returns the
+    outputs by their folder in engine.output_dir, and a record per step."""
+    steps = StepRunner(cfg, ctx)
+    upstream: dict[str, Artifact | None] = {"model": steps.fingerprint(), "adapter": input_adapter(cfg)}
+    data_configs = {d.name: d for d in cfg.data_configs}
+    used = {n for settings in cfg.passes.values() for n in settings.data_config_names().values()}
+    fingerprints = {name: fingerprint_data(data_configs[name]) for name in used}
+    outputs: dict[str, Artifact] = {}
     for name, settings in cfg.passes.items():
-        if isinstance(settings, LoRASettings):
-            # Like Olive: an eval_data_config takes precedence over holding out eval_dataset_size.
-            split = None if settings.eval_data_config else settings.eval_dataset_size
-            dataset = _prepare(record, f"{name}/dataset", cfg, settings.train_data_config, model, split,
-                               settings.seed, ctx)  # fmt: skip
-            eval_dataset = None
-            if settings.eval_data_config:
-                eval_dataset = _prepare(record, f"{name}/eval-dataset", cfg, settings.eval_data_config, model,
-                                        None, settings.seed, ctx)  # fmt: skip
-            adapter = _run(
-                steps.train_adapter_task,
-                record,
-                name,
-                settings=settings,
-                model=model,
-                dataset=dataset,
-                eval_dataset=eval_dataset,
-                trust_remote_code=trust,
-                ctx=ctx,
-            )
-            outputs["adapter"] = adapter
-        elif isinstance(settings, MergeSettings):
-            model = _run(
-                steps.merge_adapter_task,
-                record,
-                name,
-                settings=settings,
-                model=model,
-                adapter=adapter,
-                trust_remote_code=trust,
-                ctx=ctx,
-            )
-            outputs["merged"], adapter = model, None
-        elif isinstance(settings, ModelBuilderSettings):
-            provider = execution_provider(cfg, settings)
-            onnx = _run(
-                steps.build_onnx_model_task,
-                record,
-                name,
-                settings=settings,
-                model=model,
-                execution_provider=provider,
-                ctx=ctx,
-            )
-            outputs[f"onnx/{settings.precision}-{provider}"] = onnx
-    return outputs, record
+        entry = PASS_TYPES[settings.type]
+        inputs = {key: upstream[key] for key in entry.takes}
+        for arg, dataset in settings.datasets(data_configs, fingerprints).items():
+            where = {"data": cfg.data_where(dataset.data.name), "": f"passes.{name}"}
+            label = f"{name}/{arg.replace('_', '-')}"
+            inputs[arg] = steps.run(PREPARE_DATASET, dataset, label, where, model=upstream["model"])
+        artifact = steps.run(entry.step, settings, name, {"": f"passes.{name}"}, **inputs)
+        upstream[entry.gives] = artifact
+        if entry.gives == "model":  # the adapter is in the model now
+            upstream["adapter"] = None
+        outputs[entry.output(settings)] = artifact
+    return outputs, steps.record
 
 
-def use_credentials(cfg: RunConfig, log: Callable[..., None]) -> None:
-    """Hand the credentials in Prefect blocks to the libraries that need them (through their own variables)."""
-    if any(system.hf_token for system in cfg.systems.values()):
-        if use_hf_token():
-            log("hub downloads use the token in Secret block '%s'", HF_TOKEN_BLOCK)
-        else:
-            log("no Secret block '%s': hub downloads use HF_TOKEN or your Hugging Face login", HF_TOKEN_BLOCK)
-    if cfg.uses_azure_storage() and use_azure_storage():
-        log("Azure Storage is reached with the credentials in block '%s'", AZURE_STORAGE_BLOCK)
+def input_adapter(cfg: RunConfig) -> Artifact[AdapterInfo] | None:
+    """The trained adapter `input_model.adapter_path` names, for a merge or build without training."""
+    path = cfg.input_model.adapter_path
+    return Artifact(path=path, fingerprint=hash_files(Path(path)), info=AdapterInfo()) if path else None
+
+
+@contextlib.contextmanager
+def credentials_for(cfg: RunConfig, log: Callable[..., None]) -> Iterator[None]:
+    """The credentials in Prefect blocks, handed to the libraries that need them, for this run only."""
+    with contextlib.ExitStack() as stack:
+        if any(system.hf_token for system in cfg.systems.values()):
+            if stack.enter_context(hf_token()):
+                log("hub downloads use the token in Secret block '%s'", HF_TOKEN_BLOCK)
+            else:
+                log("no Secret block '%s': hub downloads use HF_TOKEN or your Hugging Face login", HF_TOKEN_BLOCK)
+        if cfg.uses_azure_storage() and stack.enter_context(azure_storage_credentials()):
+            log("Azure Storage is reached with the credentials in block '%s'", AZURE_STORAGE_BLOCK)
+        yield
 
 
 def step_context(cfg: RunConfig) -> StepContext:
-    """Steps work in a local cache folder; a cache_dir URL is shared through this machine's copy of it."""
+    """Where this machine keeps step results and downloads (read from the environment here, at the edge).
+
+    Steps work in a local cache folder; a cache_dir URL is shared through this machine's copy of it.
+    """
     cache_dir, shared_url = cfg.engine.cache_dir, None
     if is_url(cache_dir):
-        cache_dir, shared_url = str(local_copy_of(cache_dir)), cache_dir
+        copies = Path(os.environ.get("OLIVE_GROVE_LOCAL_CACHE") or USER_CACHE / "shared")
+        cache_dir, shared_url = str(local_copy_of(cache_dir, copies)), cache_dir
     return StepContext(
         cache_dir=cache_dir,
         shared_url=shared_url,
+        downloads=os.environ.get("OLIVE_GROVE_DOWNLOADS") or str(USER_CACHE),
         retries=cfg.engine.retries,
         retry_delay_seconds=cfg.engine.retry_delay_seconds,
     )
+
+
+@contextlib.contextmanager
+def log_level(olive_level: int) -> Iterator[None]:
+    """The run log at the level `engine.log_severity_level` asks for, for this run."""
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(LOG_LEVELS[olive_level])
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
 
 
 class RunOptions(BaseModel):
@@ -202,18 +178,18 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
 
     `config` is the path of an Olive run config (JSON or YAML) on the machine that runs the flow.
     """
-    quiet_libraries()  # a deployment's worker enters here, not through the CLI
+    quiet_library_defaults()  # a deployment's worker enters here, not through the CLI
     logger = get_run_logger()
     started = time.perf_counter()
     cfg, notes = (options or RunOptions()).load(config)
-    for note in notes:
-        logger.info(note)
-    use_credentials(cfg, logger.info)
-    check_before_work(cfg)
-    ctx = step_context(cfg)
-    outputs, record = run_passes(cfg, ctx)
-    output_dir = cfg.engine.output_dir
-    published = publish_outputs(outputs, output_dir)
-    report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
-    logger.info("outputs in %s", output_dir)
+    with log_level(cfg.engine.log_severity_level), credentials_for(cfg, logger.info):
+        for note in notes:
+            logger.info(note)
+        ctx = step_context(cfg)
+        check_before_work(cfg, ctx)
+        outputs, record = run_passes(cfg, ctx)
+        output_dir = cfg.engine.output_dir
+        published = publish_outputs(outputs, output_dir, Path(ctx.cache_dir))
+        report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
+        logger.info("outputs in %s", output_dir)
     return report

@@ -10,12 +10,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINE_KEYS = {
-    "host", "target", "cache_dir", "output_dir", "execution_providers", "log_severity_level",
-    "search_strategy", "evaluate_input_model", "clean_cache", "clean_evaluation_cache", "packaging_config",
-    "output_name", "plot_pareto_frontier", "no_artifacts", "evaluator", "ort_log_severity_level",
-    "retries", "retry_delay_seconds",
-}  # fmt: skip
 QLORA_ONLY_KEYS = ("double_quant", "quant_type", "compute_dtype")
 # Olive's older names for keys that current Olive (and olive-grove) call otherwise.
 RENAMED_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "corpus_strategy": "strategy", "source_max_len": "max_seq_len"}
@@ -39,10 +33,11 @@ class Normalised:
         return path
 
 
-def normalise(raw: dict[str, Any]) -> Normalised:
+def normalise(raw: dict[str, Any], engine_keys: set[str]) -> Normalised:
+    """Our form of `raw`; the flat form's top-level `engine_keys` (host, cache_dir, ...) move under `engine`."""
     out = Normalised(copy.deepcopy(raw))
     cfg = out.config
-    _lift_engine(cfg, out)
+    _lift_engine(cfg, engine_keys, out)
     if isinstance(cfg.get("input_model"), dict):
         _input_model(cfg["input_model"], out)
     for name, system in _entries(cfg.get("systems")):
@@ -89,11 +84,11 @@ def _entries(section: Any) -> list[tuple[str, Any]]:
     return list(section.items()) if isinstance(section, dict) else []
 
 
-def _lift_engine(cfg: dict[str, Any], out: Normalised) -> None:
+def _lift_engine(cfg: dict[str, Any], engine_keys: set[str], out: Normalised) -> None:
     if not isinstance(cfg.get("engine", {}), dict):
         return  # validation reports the wrong type
     engine = cfg.setdefault("engine", {})
-    for key in sorted(ENGINE_KEYS & cfg.keys()):
+    for key in sorted(engine_keys & cfg.keys()):
         engine[key] = cfg.pop(key)
         out.origins[f"engine.{key}"] = key
 
@@ -134,6 +129,7 @@ def _input_model(model: dict[str, Any], out: Normalised) -> None:
             out.origins["input_model.model_path"] = f"{origin}.model_name"
     if "task" in hf_config:
         model.setdefault("task", hf_config.pop("task"))
+        out.origins["input_model.task"] = f"{origin}.task"
     for key in ("from_pretrained_args", "model_loading_args"):
         if isinstance(hf_config.get(key), dict):
             model.setdefault("load_kwargs", {}).update(hf_config.pop(key))

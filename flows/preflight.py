@@ -2,66 +2,61 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from olive_grove.flows.config import RunConfig
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, check_training_args
 from olive_grove.tasks.azureml import connect
+from olive_grove.tasks.caching import StepContext
 from olive_grove.tasks.data import AzureMLDatastore, check_data
-from olive_grove.tasks.errors import UserError
-from olive_grove.tasks.models import check_model_source, has_cuda, linear_module_names
-from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
+from olive_grove.tasks.errors import UserError, located
+from olive_grove.tasks.models import check_model_source, linear_module_names
+from olive_grove.tasks.quiet import quiet_libraries
 from olive_grove.tasks.storage import Remote, is_url
 
 
-def check_before_work(cfg: RunConfig) -> None:
+def check_before_work(cfg: RunConfig, ctx: StepContext) -> None:
     """Raise a UserError for anything that would fail later, so a bad run writes nothing."""
     try:
-        _check(cfg)
+        with quiet_libraries():  # the checks call into transformers and datasets
+            _check(cfg, ctx)
     except UserError as exc:
         raise cfg.user_error(exc) from None
 
 
-def _check(cfg: RunConfig) -> None:
+def _check(cfg: RunConfig, ctx: StepContext) -> None:
     resolve_datastores(cfg)
     for key in ("cache_dir", "output_dir"):
         url = getattr(cfg.engine, key)
         if is_url(url):
             Remote(url, f"engine.{key}").check_container()
     source = cfg.model_source()
-    check_model_source(source, "input_model.model_path")
+    with located("input_model.model_path"):
+        check_model_source(source)
     adapter = cfg.input_model.adapter_path
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(
-            "input_model.adapter_path",
-            f"{adapter} has no adapter_config.json",
-            "point it at a PEFT adapter folder",
-        )
-    linear_names: set[str] | None = None
+        raise UserError("input_model.adapter_path", f"{adapter} has no adapter_config.json",
+                        "point it at a PEFT adapter folder")  # fmt: skip
+    used = {name for settings in cfg.passes.values() for name in settings.data_config_names().values()}
+    for data in cfg.data_configs:
+        if data.name in used:
+            with located(cfg.data_where(data.name)):
+                check_data(data, Path(ctx.downloads))
+
+    @functools.cache
+    def linear_names() -> set[str] | None:
+        """The base model's linear layers, where they can be read before the run fetches it."""
+        if source.kind not in ("local", "hub"):
+            return None  # checked by the training step once the model is fetched
+        try:
+            return linear_module_names(source.name, source.trust_remote_code)
+        except UserError:
+            return None  # an unreadable model is reported by the step that loads it
+
     for name, settings in cfg.passes.items():
-        if isinstance(settings, QLoRASettings) and settings.loftq and not has_cuda():
-            raise UserError(f"passes.{name}.loftq", "peft's LoftQ initialisation runs on CUDA only",
-                            "set loftq: false on a machine without a GPU")  # fmt: skip
-        if isinstance(settings, LoRASettings):
-            check_training_args(settings, f"passes.{name}.training_args")
-            for data_name in filter(None, (settings.train_data_config, settings.eval_data_config)):
-                check_data(*cfg.data_config(data_name))
-            if settings.target_modules and source.kind in ("local", "hub"):  # others: checked once fetched
-                if linear_names is None:
-                    linear_names = linear_module_names(source.name, source.trust_remote_code)
-                try:
-                    check_target_modules(settings, linear_names)
-                except UserError as exc:
-                    raise UserError(f"passes.{name}.{exc.where}", exc.problem, exc.hint) from None
-        if isinstance(settings, ModelBuilderSettings):
-            provider = execution_provider(cfg, settings)
-            if settings.precision == "bf16" and provider == "cpu":
-                raise UserError(
-                    f"passes.{name}.precision",
-                    "bf16 models do not run on the CPU execution provider",
-                    "use int4, int8, fp16 or fp32 for cpu",
-                )
+        with located(f"passes.{name}"):
+            settings.check_before_work(linear_names)
 
 
 def resolve_datastores(cfg: RunConfig) -> None:
@@ -93,21 +88,3 @@ def check_account(account: str, where: str) -> None:
             f"the datastore is in storage account '{account}', AZURE_STORAGE_CONNECTION_STRING is for '{named}'",
             "unset it to use your Azure login, or give that account's connection string",
         )
-
-
-def execution_provider(cfg: RunConfig, settings: ModelBuilderSettings) -> str:
-    """The pass's own provider, else the engine's first, else the target system's, else CPU."""
-    if settings.execution_provider:
-        return settings.execution_provider
-    names, where = list(cfg.engine.execution_providers or []), "engine.execution_providers"
-    target = cfg.systems.get(cfg.engine.target or "")
-    if not names and target:
-        where = f"systems.{cfg.engine.target}.accelerators"
-        for accelerator in target.accelerators:
-            if not isinstance(accelerator, str):
-                names += accelerator.execution_providers or []
-    if not names:
-        return "cpu"
-    if names[0] not in EXECUTION_PROVIDERS:
-        raise UserError(where, f"unknown execution provider {names[0]!r}", "one of " + ", ".join(EXECUTION_PROVIDERS))
-    return EXECUTION_PROVIDERS[names[0]]

@@ -6,22 +6,41 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, SerializeAsAny
+
 from olive_grove.flows.config import RunConfig
-from olive_grove.tasks.artifact import Artifact
-from olive_grove.tasks.caching import SOURCE_STAMP, publish_copy
+from olive_grove.tasks.adapters import AdapterInfo
+from olive_grove.tasks.artifact import Artifact, StepInfo
+from olive_grove.tasks.files import SOURCE_STAMP, publish_copy
 from olive_grove.tasks.storage import Remote, is_url, join
 
 
-def publish_outputs(outputs: dict[str, Artifact], output_dir: str) -> dict[str, str]:
+class StepRecord(BaseModel):
+    """What one step of a run did, for the report."""
+
+    step: str  # the pass (or pass/dataset) it ran for
+    task: str
+    cached: bool
+    seconds: float
+    artifact: Artifact[SerializeAsAny[StepInfo]]
+
+    def as_json(self) -> dict[str, Any]:
+        info = self.artifact.info.model_dump(mode="json", exclude_none=True)
+        return {"step": self.step, "task": self.task, "cached": self.cached, "seconds": self.seconds,
+                "path": self.artifact.path, "info": info}  # fmt: skip
+
+
+def publish_outputs(outputs: dict[str, Artifact], output_dir: str, cache_dir: Path) -> dict[str, str]:
     """Copy each finished output from the cache to its place in the output folder (local or a URL)."""
     remote = Remote(output_dir, "engine.output_dir") if is_url(output_dir) else None
     published = {}
     for name, artifact in outputs.items():
+        source = Path(artifact.located(cache_dir).path)
         if remote:
-            _upload_output(remote, Path(artifact.path), name, artifact.fingerprint)
+            _upload_output(remote, source, name, artifact.fingerprint)
             published[name] = join(output_dir, name)
         else:
-            publish_copy(Path(artifact.path), Path(output_dir) / name, artifact.fingerprint)
+            publish_copy(source, Path(output_dir) / name, artifact.fingerprint)
             published[name] = str(Path(output_dir) / name)
     return published
 
@@ -36,17 +55,17 @@ def _upload_output(remote: Remote, source: Path, name: str, stamp: str) -> None:
 
 
 def write_report(
-    cfg: RunConfig, record: list[dict[str, Any]], published: dict[str, str], output_dir: str, seconds: float
+    cfg: RunConfig, record: list[StepRecord], published: dict[str, str], output_dir: str, seconds: float
 ) -> dict[str, Any]:
     report = {
         "input_model": cfg.input_model.model_path,
         "passes": [f"{name} ({s.type})" for name, s in cfg.passes.items()],
-        "steps": record,
+        "steps": [r.as_json() for r in record],
         "outputs": published,
-        "cached_steps": [s["step"] for s in record if s.get("cached")],
+        "cached_steps": [r.step for r in record if r.cached],
         "total_seconds": round(seconds, 2),
     }
-    markdown = render_markdown(report)
+    markdown = render_markdown(report, record)
     texts = {"report.json": json.dumps(report, indent=2, default=str), "report.md": markdown}
     if is_url(output_dir):
         remote = Remote(output_dir, "engine.output_dir")
@@ -60,45 +79,21 @@ def write_report(
     return report
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], record: list[StepRecord]) -> str:
     lines = ["# olive-grove run report", "", f"Base model: `{report['input_model']}`", ""]
     lines += ["| step | task | from cache | seconds | details |", "|---|---|---|---|---|"]
-    for step in report["steps"]:
-        details = _details(step["metadata"])
-        cached = "yes" if step["cached"] else "no"
-        lines.append(f"| {step['step']} | {step['task']} | {cached} | {step['seconds']} | {details} |")
-    curve = next((s["metadata"].get("loss_curve") for s in report["steps"] if s["metadata"].get("loss_curve")), None)
+    for step in record:
+        cached = "yes" if step.cached else "no"
+        lines.append(f"| {step.step} | {step.task} | {cached} | {step.seconds} | {step.artifact.info.summary()} |")
+    curve = next((s.artifact.info.loss_curve for s in record if isinstance(s.artifact.info, AdapterInfo)
+                  and s.artifact.info.loss_curve), None)  # fmt: skip
     if curve:
         lines += ["", "## Training loss", "", "| step | loss |", "|---|---|"]
-        lines += [f"| {p['step']} | {p['loss']:.4f} |" for p in curve]
+        lines += [f"| {p.step} | {p.loss:.4f} |" for p in curve]
     lines += ["", "## Outputs", ""]
     lines += [f"- `{name}`: {path}" for name, path in report["outputs"].items()]
     lines += ["", f"Total: {report['total_seconds']} s", ""]
     return "\n".join(lines)
-
-
-def _details(metadata: dict[str, Any]) -> str:
-    keys = (
-        "quantization",
-        "adapter_heldout_loss",
-        "merged_heldout_loss",
-        "rows",
-        "samples",
-        "tokens",
-        "train_loss",
-        "eval_loss",
-        "steps",
-        "dtype",
-        "precision",
-        "execution_provider",
-        "size_bytes",
-    )
-    parts = []
-    for key in keys:
-        if key in metadata:
-            value = metadata[key]
-            parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
-    return ", ".join(parts)
 
 
 def _write_atomic(path: Path, text: str) -> None:

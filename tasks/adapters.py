@@ -1,4 +1,8 @@
-"""Adapter step: train a LoRA or QLoRA adapter with the Hugging Face Trainer and save it in PEFT format."""
+"""Adapter step: train a LoRA or QLoRA adapter with the Hugging Face Trainer and save it in PEFT format.
+
+Read top to bottom: the pass settings, what the step reports, then the training recipe — data, model,
+adapter, speed-ups, trainer, train, evaluate, save — and the helpers it calls.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +12,44 @@ import importlib.metadata
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from olive_grove.tasks.artifact import read_memo, write_memo
+from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo, TrainingProgress
 from olive_grove.tasks.collate import pad_collator
+from olive_grove.tasks.data import DataConfig, DatasetInfo, DatasetSettings
 from olive_grove.tasks.errors import UserError, nearest
 from olive_grove.tasks.evaluate import heldout_loss
-from olive_grove.tasks.models import NAMES_MEMO, has_cuda, load_causal_lm, load_tokenizer
-from olive_grove.tasks.speed import local_rank, world_size
+from olive_grove.tasks.files import INTERNAL_PREFIX, USER_CACHE, read_memo, write_memo
+from olive_grove.tasks.models import (
+    ModelInfo,
+    has_cuda,
+    linear_module_names,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
+from olive_grove.tasks.speed import Placement
 
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
 DTYPES = Literal["bfloat16", "float16", "float32"]
+# Inside the adapter's folder: the samples it was evaluated on, so a merge measures the merged model on them.
+EVAL_SAMPLES = f"{INTERNAL_PREFIX}eval"
+
+
+# ------------------------------------------------------------------------------------------- settings
 
 
 @functools.cache
 def training_arg_names() -> frozenset[str]:
     """TrainingArguments' fields. Importing it costs seconds (torch, accelerate), so the names are kept
     per transformers version: validating a config, or re-running a cached one, need not pay for it."""
-    memo = NAMES_MEMO / f"training-args-{importlib.metadata.version('transformers')}.json"
+    memo = USER_CACHE / f"training-args-{importlib.metadata.version('transformers')}.json"
     names = read_memo(memo, None)
     if names is None:
         from transformers.training_args import TrainingArguments
@@ -40,10 +59,8 @@ def training_arg_names() -> frozenset[str]:
     return frozenset(names)
 
 
-class LoRASettings(BaseModel):
+class LoRASettings(PassSettings):
     """The LoRA pass (Olive's `LoRA`): the adapter's shape and the Trainer's arguments."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["LoRA"] = "LoRA"
     train_data_config: str = Field(description="name of the data config to train on")
@@ -89,7 +106,7 @@ class LoRASettings(BaseModel):
         names = training_arg_names()
         for key in args:
             if key in OWNED_TRAINING_ARGS:
-                raise UserError(key, "is set by olive-grove", "outputs go to engine.output_dir")
+                raise UserError(key, "is set by olive-grove", "checkpoints go to the step's cache folder")
             if key not in names:
                 raise UserError(key, "is not a TrainingArguments field", nearest(key, names))
         return args
@@ -103,6 +120,51 @@ class LoRASettings(BaseModel):
     def seed(self) -> int:
         return int(self.training_args.get("data_seed", self.training_args.get("seed", 42)))
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the adapter is trained in (and, by default, merged in)."""
+        return self.torch_dtype
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            use_dora=self.use_dora,
+            task_type="CAUSAL_LM",
+        )
+
+    def data_config_names(self) -> dict[str, str]:
+        names = {"train_data_config": self.train_data_config, "eval_data_config": self.eval_data_config}
+        return {key: name for key, name in names.items() if name is not None}
+
+    def datasets(self, data_configs: dict[str, DataConfig], fingerprints: dict[str, str]) -> dict[str, DatasetSettings]:
+        """The dataset steps this pass trains and evaluates on, by the name of the step's input."""
+        # Like Olive: an eval_data_config takes precedence over holding out eval_dataset_size.
+        split = None if self.eval_data_config else self.eval_dataset_size
+        wanted = {"dataset": (self.train_data_config, split), "eval_dataset": (self.eval_data_config, None)}
+        return {
+            arg: DatasetSettings(
+                data=data_configs[name],
+                files_fingerprint=fingerprints[name],
+                eval_dataset_size=size,
+                seed=self.seed if size else None,  # it only seeds the split
+            )
+            for arg, (name, size) in wanted.items()
+            if name is not None
+        }
+
+    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
+        """What can be known wrong before training: the Trainer's arguments, the layers to adapt."""
+        check_training_args(self)
+        names = linear_names() if self.target_modules else None
+        if names is not None:
+            check_target_modules(self, names)
+
 
 class QLoRASettings(LoRASettings):
     """The QLoRA pass: LoRA on a bitsandbytes 4-bit base."""
@@ -115,19 +177,16 @@ class QLoRASettings(LoRASettings):
         False, description="olive-grove: start LoRA from LoftQ's fit of the 4-bit error (peft; needs safetensors)"
     )
 
+    @property
+    def dtype(self) -> str:
+        return self.compute_dtype
 
-def lora_config(settings: LoRASettings):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=settings.target_modules,
-        modules_to_save=settings.modules_to_save,
-        use_dora=settings.use_dora,
-        task_type="CAUSAL_LM",
-    )
+    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
+        if self.loftq and not has_cuda():
+            raise UserError(
+                "loftq", "peft's LoftQ initialisation runs on CUDA only", "set loftq: false on a machine without a GPU"
+            )
+        super().check_before_work(linear_names)
 
 
 def check_target_modules(settings: LoRASettings, linear_names: set[str]) -> None:
@@ -138,34 +197,7 @@ def check_target_modules(settings: LoRASettings, linear_names: set[str]) -> None
             )
 
 
-def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote_code: bool):
-    """The frozen base: full precision weights for LoRA, bitsandbytes 4-bit for QLoRA."""
-    if not isinstance(settings, QLoRASettings):
-        return load_causal_lm(model_path, settings.torch_dtype, trust_remote_code)
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    from olive_grove.tasks.models import torch_dtype
-
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=settings.quant_type,
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
-    )
-    device_map = {"": local_rank()} if has_cuda() else {"": "cpu"}  # a GPU per process
-    model = load_causal_lm(
-        model_path,
-        settings.compute_dtype,
-        trust_remote_code,
-        quantization_config=quant,
-        device_map=device_map,
-    )
-    gradient_checkpointing = bool(settings.training_args.get("gradient_checkpointing", False))
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-
-
-def check_training_args(settings: LoRASettings, where: str) -> None:
+def check_training_args(settings: LoRASettings) -> None:
     """Check the arguments' types and values before any work; the Trainer would only when it is built."""
     import typing
 
@@ -177,14 +209,165 @@ def check_training_args(settings: LoRASettings, where: str) -> None:
         try:
             TypeAdapter(types[key]).validate_python(value)
         except ValidationError as exc:
-            raise UserError(f"{where}.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
+            raise UserError(f"training_args.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
     try:
         trainer_arguments(settings, Path("unused"), has_eval=settings.eval_dataset_size is not None)
     except (ValueError, TypeError) as exc:
-        raise UserError(where, str(exc).splitlines()[0]) from None
+        raise UserError("training_args", str(exc).splitlines()[0]) from None
 
 
-def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool):
+# ------------------------------------------------------------------------------------- what it reports
+
+
+class LossPoint(BaseModel):
+    step: int
+    loss: float
+
+
+class AdapterInfo(StepInfo):
+    """A trained PEFT adapter: how training went, and what a merge needs to know of it."""
+
+    dtype: str | None = Field(None, description="the dtype it was trained in; the merge's default")
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    steps: int | None = None
+    trainable_params: int | None = None
+    train_samples: int | None = None
+    micro_batch: list[int] | None = Field(None, description="samples per pass x accumulation steps")
+    processes: int | None = None
+    resumed_from: str | None = None
+    quantization: dict[str, Any] | None = None
+    loss_curve: list[LossPoint] = Field(default_factory=list)
+    eval_curve: list[LossPoint] = Field(default_factory=list)
+    eval_samples: str | None = Field(None, description="folder of the eval samples, relative to the adapter's")
+
+
+# -------------------------------------------------------------------------------------- the recipe
+
+
+def train_adapter(
+    settings: LoRASettings,
+    files: StepFiles,
+    report: Reporter,
+    *,
+    model: Artifact[ModelInfo],
+    dataset: Artifact[DatasetInfo],
+    eval_dataset: Artifact[DatasetInfo] | None = None,
+    placement: Placement | None = None,
+) -> AdapterInfo:
+    """Train on the dataset's train split and evaluate on `eval_dataset` (Olive's eval_data_config), else on
+    the dataset's own held-out split; resume from the newest checkpoint in `files.work`; save to `files.out`.
+
+    Without a `placement` the step decides how many processes train: several relaunch it under torchrun.
+    """
+    if settings.target_modules:  # checked before the run for local and hub models; others are here now
+        check_target_modules(settings, linear_module_names(model.path, model.info.trust_remote_code))
+    if placement is None:
+        from olive_grove.tasks import data_parallel
+
+        processes = data_parallel.process_count(settings)
+        if processes > 1:
+            return data_parallel.launch(processes, settings, files, report, model=model, dataset=dataset,
+                                        eval_dataset=eval_dataset)  # fmt: skip
+    from olive_grove.tasks.speed import release_compiled_layers
+
+    try:
+        return _train_in_this_process(settings, files, report, model, dataset, eval_dataset, placement or Placement())
+    finally:
+        release_compiled_layers()
+
+
+def _train_in_this_process(
+    settings: LoRASettings,
+    files: StepFiles,
+    report: Reporter,
+    model: Artifact[ModelInfo],
+    dataset: Artifact[DatasetInfo],
+    eval_dataset: Artifact[DatasetInfo] | None,
+    placement: Placement,
+) -> AdapterInfo:
+    import datasets
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    # Data: the dataset step's samples.
+    train_set = datasets.load_from_disk(str(Path(dataset.path) / "train"))
+    eval_dir = Path(eval_dataset.path) / "train" if eval_dataset else Path(dataset.path) / "eval"
+    eval_dir = eval_dir if eval_dir.exists() else None
+    eval_set = datasets.load_from_disk(str(eval_dir)) if eval_dir else None
+
+    # Model: the frozen base, and the adapter on it (its initial weights follow the seed).
+    trust = model.info.trust_remote_code
+    tokenizer = load_tokenizer(model.path, trust)
+    base = load_base_for_training(settings, model.path, trust, placement)
+    base.config.use_cache = False  # a cache makes transformers ignore packed position_ids
+    set_seed(int(settings.training_args.get("seed", 42)))
+    peft_model = get_peft_model(base, settings.peft_config())
+    if isinstance(settings, QLoRASettings) and settings.loftq:
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(peft_model, model_path=model.path)
+        report.log("LoRA weights initialised with LoftQ")
+
+    # Speed-ups and the trainer, then training: resumed from the newest complete checkpoint.
+    checkpoints = files.work / "checkpoints"
+    trainer = make_trainer(settings, peft_model, tokenizer.pad_token_id, train_set, eval_set, checkpoints,
+                           placement, report)  # fmt: skip
+    resume = last_complete_checkpoint(checkpoints)
+    if resume:
+        report.log(f"resuming training from {resume.name}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    info = AdapterInfo(dtype=settings.dtype, steps=result.global_step, processes=trainer.args.world_size,
+                       train_loss=_finite(result.training_loss))  # fmt: skip
+    if placement.rank != 0:
+        return info  # data parallel: process 0 evaluates and saves
+
+    # Evaluate (token-weighted, as the merge step measures the merged model) and save.
+    if eval_set is not None:
+        info.eval_loss = _finite(heldout_loss(peft_model, eval_dir, tokenizer.pad_token_id))
+        shutil.copytree(eval_dir, files.out / EVAL_SAMPLES)
+        info.eval_samples = EVAL_SAMPLES
+    peft_model.save_pretrained(str(files.out))
+    tokenizer.save_pretrained(str(files.out))
+    history = trainer.state.log_history
+    info.loss_curve = [LossPoint(step=e["step"], loss=e["loss"]) for e in history if _finite(e.get("loss")) is not None]
+    info.eval_curve = [
+        LossPoint(step=e["step"], loss=e["eval_loss"]) for e in history if _finite(e.get("eval_loss")) is not None
+    ]
+    info.resumed_from = resume.name if resume else None
+    info.trainable_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    info.train_samples = len(train_set)
+    info.micro_batch = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
+    if isinstance(settings, QLoRASettings):
+        info.quantization = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
+    report.log(f"adapter trained: {info.summary()}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote_code: bool, placement: Placement):
+    """The frozen base: full precision weights for LoRA, bitsandbytes 4-bit for QLoRA."""
+    if not isinstance(settings, QLoRASettings):
+        return load_causal_lm(model_path, settings.torch_dtype, trust_remote_code)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quant_type,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
+    )
+    device_map = {"": placement.local_rank} if has_cuda() else {"": "cpu"}  # a GPU per process
+    model = load_causal_lm(model_path, settings.compute_dtype, trust_remote_code, quantization_config=quant,
+                           device_map=device_map)  # fmt: skip
+    gradient_checkpointing = bool(settings.training_args.get("gradient_checkpointing", False))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool, placement: Placement | None = None):
     from transformers import TrainingArguments
 
     args = {
@@ -204,118 +387,50 @@ def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bo
         args["use_cpu"] = True
         args.pop("bf16", None), args.pop("fp16", None)
     arguments = TrainingArguments(**args)
-    if has_cuda() and world_size() == 1:
+    if has_cuda() and (placement or Placement()).world_size == 1:
         _ = arguments.device  # one process trains on one GPU: several are `processes`' job, not nn.DataParallel's
         arguments._n_gpu = 1
     return arguments
 
 
-def build_trainer(
+def make_trainer(
     settings: LoRASettings,
-    base_model,
+    peft_model,
     pad_id: int,
     train_set,
     eval_set,
     checkpoint_dir: Path,
-    on_progress: Callable[[int, int, float | None], None] | None = None,
-    log: Callable[[str], None] = print,
+    placement: Placement,
+    report: Reporter,
 ):
-    """The Hugging Face Trainer for a PEFT adapter on `base_model`, with the speed-ups the settings allow."""
-    from peft import get_peft_model
-    from transformers import Trainer, set_seed
+    """The Hugging Face Trainer for the adapter, with the speed-ups the settings and the hardware allow."""
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from olive_grove.tasks.speed import (
-        compile_layers,
-        fast_training_args,
-        gradients_outside_graphs,
-        layers_to_compile,
-        mark_graph_steps,
-        replays_cuda_graphs,
-    )
+    from olive_grove.tasks import speed
 
-    base_model.config.use_cache = False  # a cache makes transformers ignore packed position_ids
-    set_seed(int(settings.training_args.get("seed", 42)))  # the adapter's initial weights follow the seed too
-    model = get_peft_model(base_model, lora_config(settings))
-    if isinstance(settings, QLoRASettings) and settings.loftq:
-        from peft import replace_lora_weights_loftq
-
-        source = base_model.config._name_or_path  # a local folder must be named; a hub model is found
-        replace_lora_weights_loftq(model, model_path=source if Path(source).is_dir() else None)
-        log("LoRA weights initialised with LoftQ")
     lengths = {len(ids) for ids in train_set["input_ids"]}
-    max_len = max(lengths)
-    args = trainer_arguments(settings, checkpoint_dir, eval_set is not None)
-    layers = layers_to_compile(settings, model)
-    for key, value in fast_training_args(settings, model, max_len, log, compiled_layers=bool(layers)).items():
+    args = trainer_arguments(settings, checkpoint_dir, eval_set is not None, placement)
+    layers = speed.layers_to_compile(settings, peft_model)
+    chosen = speed.fast_training_args(settings, peft_model, max(lengths), placement, report.log, bool(layers))
+    for key, value in chosen.items():
         setattr(args, key, value)
-    graphs = replays_cuda_graphs(settings, layers, lengths, evaluates=eval_set is not None)
+    graphs = speed.replays_cuda_graphs(settings, layers, lengths, eval_set is not None, placement)
     if layers:  # after the micro-batch probe, which would compile every size it tries
-        compile_layers(layers, cuda_graphs=graphs)
-        log(f"compiling {len(layers)} decoder layers on the first step{', replayed as CUDA graphs' if graphs else ''}")
+        speed.compile_layers(layers, cuda_graphs=graphs)
+        report.log(f"compiling {len(layers)} decoder layers on the first step"
+                   f"{', replayed as CUDA graphs' if graphs else ''}")  # fmt: skip
     if graphs:
-        mark_graph_steps(model)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=pad_collator(pad_id),
-    )
+        speed.mark_graph_steps(peft_model)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=pad_collator(pad_id))  # fmt: skip
     trainer.pop_callback(ProgressCallback)
     trainer.pop_callback(PrinterCallback)
-    for callback in progress_callbacks(on_progress):
+    for callback in progress_callbacks(report):
         trainer.add_callback(callback)
     if graphs:
-        trainer.add_callback(gradients_outside_graphs(model))
+        trainer.add_callback(speed.gradients_outside_graphs(peft_model))
     return trainer
-
-
-def train_adapter(
-    settings: LoRASettings,
-    model_path: str,
-    dataset_dir: Path,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    trust_remote_code: bool = False,
-    on_progress: Callable[[int, int, float | None], None] | None = None,
-    log: Callable[[str], None] = print,
-    eval_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Train on `dataset_dir/train`, evaluating on `eval_dir` (samples saved by the dataset step), resuming
-    from the newest checkpoint in `checkpoint_dir`; save the adapter to `out_dir`."""
-    import datasets
-
-    train_set = datasets.load_from_disk(str(dataset_dir / "train"))
-    eval_set = datasets.load_from_disk(str(eval_dir)) if eval_dir else None
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    base = load_base_for_training(settings, model_path, trust_remote_code)
-    trainer = build_trainer(
-        settings, base, tokenizer.pad_token_id, train_set, eval_set, checkpoint_dir, on_progress, log
-    )
-    model = trainer.model
-    resume = last_complete_checkpoint(checkpoint_dir)
-    if resume:
-        log(f"resuming training from {resume.name}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
-    if not trainer.is_world_process_zero():
-        return metrics  # data parallel: process 0 evaluates and saves
-    if eval_set is not None:  # token-weighted, as the merge step measures the merged model
-        metrics["eval_loss"] = heldout_loss(model, eval_dir, tokenizer.pad_token_id)
-    if isinstance(settings, QLoRASettings):
-        metrics["quantization"] = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    history = trainer.state.log_history
-    metrics["loss_curve"] = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
-    metrics["eval_curve"] = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
-    metrics["resumed_from"] = resume.name if resume else None
-    metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    metrics["train_samples"] = len(train_set)
-    metrics["micro_batch"] = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
-    metrics["processes"] = trainer.args.world_size
-    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -334,23 +449,50 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def progress_callbacks(on_progress: Callable[[int, int, float | None], None] | None) -> list:
-    """A terminal progress bar without the Trainer's raw log dicts, plus a hook for whoever shows progress."""
+def progress_callbacks(report: Reporter) -> list:
+    """A terminal progress bar without the Trainer's raw log dicts, and progress for whoever shows it.
+
+    A loss is logged with the step it was measured at, so the log and the report's loss curve agree.
+    """
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
     class TerminalBar(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            pass  # losses reach the run log through on_progress instead
+            pass  # losses reach the run log through the report instead
 
-    class ProgressHook(TrainerCallback):
+    class Progress(TrainerCallback):
+        started = 0.0
         loss: float | None = None
+        eval_loss: float | None = None
+        waiting_for_log = False  # a step whose loss is logged right after it: report it with that loss
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
+        def update(self, state) -> TrainingProgress:
+            return TrainingProgress(state.global_step, state.max_steps, self.loss, self.eval_loss,
+                                    time.perf_counter() - self.started)  # fmt: skip
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            on_progress(state.global_step, state.max_steps, self.loss)
+            self.waiting_for_log = control.should_log  # the Trainer's own callback decided just before this one
+            if not self.waiting_for_log:
+                report.progress(self.update(state))
 
-    return [TerminalBar()] + ([ProgressHook()] if on_progress else [])
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            measured = {key: _finite(logs[key]) for key in ("loss", "eval_loss") if key in logs}
+            self.loss = measured.get("loss", self.loss)
+            self.eval_loss = measured.get("eval_loss", self.eval_loss)
+            if measured:
+                report.log(self.update(state).line())
+            if self.waiting_for_log:
+                self.waiting_for_log = False
+                report.progress(self.update(state))
+
+    return [TerminalBar(), Progress()]
+
+
+def _finite(value: Any) -> float | None:
+    """A measured loss, or None when there is none or it is not a number (a NaN loss is no measurement)."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

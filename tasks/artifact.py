@@ -1,91 +1,115 @@
-"""What steps hand each other: where the files are, a content fingerprint, a little metadata."""
+"""What steps hand each other, and what a step is handed: where files are, what they hold, where to report."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, Field
-
-ArtifactKind = Literal["model", "adapter", "dataset", "onnx"]
-
-_CHUNK = 1 << 20
+from pydantic import BaseModel, ConfigDict
 
 
-class Artifact(BaseModel):
-    """A step's output on disk. Models and datasets travel by path, never pickled into a Prefect result."""
+class StepInfo(BaseModel):
+    """What a step tells later steps and the report about its output; each step has its own kind."""
 
-    kind: ArtifactKind
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float | None = None
+
+    def summary(self) -> str:
+        """`key value` pairs for the report's table: every scalar that was measured."""
+        parts = []
+        for key, value in self.model_dump(exclude_none=True).items():
+            if key == "seconds" or isinstance(value, list):
+                continue
+            parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+        return ", ".join(parts)
+
+
+InfoT = TypeVar("InfoT", bound=StepInfo)
+
+
+class PassSettings(BaseModel):
+    """A pass's settings, as the config writes them under `passes.<name>`; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def data_config_names(self) -> dict[str, str]:
+        """The data configs the pass reads, by the key that names them; none by default."""
+        return {}
+
+    def datasets(self, data_configs: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
+        """The dataset steps the pass needs, by the name of the step input they become; none by default."""
+        return {}
+
+    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
+        """Raise a UserError for what would fail later; `linear_names()` gives the base model's, when known."""
+
+
+class Artifact(BaseModel, Generic[InfoT]):
+    """A step's output on disk. Models and datasets travel by path, never pickled into a Prefect result.
+
+    A cached step's result names its folder relative to the cache folder, so a cache that moved (or came
+    from another machine) still points at its files; inputs from outside the cache have absolute paths.
+    """
+
     path: str
     fingerprint: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    info: InfoT
+
+    def located(self, cache_dir: Path) -> Artifact[InfoT]:
+        """The same artifact with an absolute path."""
+        return self if Path(self.path).is_absolute() else self.model_copy(update={"path": str(cache_dir / self.path)})
 
 
-def hash_file(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class StepFiles:
+    """Where a step writes: `out` is moved into the cache whole once the step succeeds; `work` survives
+    a failed try (training checkpoints live there); `downloads` holds local copies of remote inputs."""
+
+    out: Path
+    work: Path
+    downloads: Path
 
 
-def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = None) -> str:
-    """Hash the bytes of the files under `root` (or the named ones), keyed by relative name.
+@dataclass(frozen=True)
+class TrainingProgress:
+    """One optimizer step's progress, as a person watching a run wants to see it."""
 
-    `memo` keeps (size, mtime) → hash for big files, so a 7 GB base model is hashed once, not every run.
-    """
-    paths = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
-    known = read_memo(memo, {})
-    digest = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        stat = path.stat()
-        stamp = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        file_hash = known.get(stamp) or hash_file(path)
-        known[stamp] = file_hash
-        digest.update(f"{path.relative_to(root).as_posix()}={file_hash};".encode())
-    write_memo(memo, known)
-    return digest.hexdigest()
+    step: int
+    total: int
+    loss: float | None = None
+    eval_loss: float | None = None
+    elapsed_seconds: float = 0.0
 
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.step / max(self.total, 1)
 
-def move_into_place(staged: Path, target: Path) -> Path:
-    """Rename a complete folder to `target` in one step; if a concurrent twin got there first, it wins."""
-    try:
-        os.rename(staged, target)
-    except OSError:
-        if not target.exists():
-            raise
-        shutil.rmtree(staged, ignore_errors=True)
-    return target
+    @property
+    def seconds_left(self) -> float | None:
+        if self.step <= 0:
+            return None
+        return self.elapsed_seconds / self.step * (self.total - self.step)
 
-
-def hash_value(value: Any) -> str:
-    """A stable hash of JSON-able settings."""
-    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    def line(self) -> str:
+        parts = [f"step {self.step}/{self.total}"]
+        for name, value in (("loss", self.loss), ("eval loss", self.eval_loss)):
+            if value is not None and math.isfinite(value):
+                parts.append(f"{name} {value:.4f}")
+        left = self.seconds_left
+        if left is not None:
+            parts.append(f"{left:.0f} s left")
+        return ", ".join(parts)
 
 
-def read_memo(memo: Path | None, default: Any) -> Any:
-    """A remembered answer (JSON), or `default` when there is none or it cannot be read."""
-    if memo is None:
-        return default
-    try:
-        return json.loads(memo.read_text())
-    except (OSError, ValueError):
-        return default
+class Reporter:
+    """Where a step says what it is doing. This one prints; the Prefect steps log and update artifacts."""
 
+    def log(self, message: str) -> None:
+        print(message)
 
-def write_memo(memo: Path | None, value: Any) -> None:
-    """Remember an answer, atomically; a memo that cannot be written only costs recomputing it."""
-    if memo is None:
-        return
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(memo)
-    except OSError:
+    def progress(self, update: TrainingProgress) -> None:
         pass

@@ -1,9 +1,16 @@
-"""Content-addressed step results: cache keys, step folders, and publishing files only when complete."""
+"""The step cache, whole: cache keys, step folders and their manifests, the check of every cache hit, the
+cache shared through a URL, and the locks that let one run compute a step while others wait for it.
+
+Layout under the local cache folder: `steps/<step>/<key>/` holds a step's files (with a manifest of their
+names, sizes and hashes), `results/<key>` Prefect's cache record, `locks/` the step locks. A shared cache
+(`engine.cache_dir: az://...`) holds the same layout; this machine works in a local copy of it.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import os
 import shutil
 import socket
@@ -12,29 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.logging import get_run_logger
+from prefect.transactions import IsolationLevel
 from pydantic import BaseModel
 
-from olive_grove.tasks.artifact import Artifact, hash_value, move_into_place
-from olive_grove.tasks.shared_cache import SharedCache
+from olive_grove.tasks.artifact import Artifact
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.files import hash_file, hash_value, move_into_place
+from olive_grove.tasks.storage import Remote
 
 # Libraries whose versions decide what a step produces; a new version is a cache miss.
-OUTPUT_LIBRARIES = (
-    "torch",
-    "transformers",
-    "peft",
-    "datasets",
-    "tokenizers",
-    "bitsandbytes",
-    "onnxruntime-genai",
-)
-
-
-# The file beside a published output that names the cache entry it was copied from.
-SOURCE_STAMP = ".olive-grove-source"
-
-# Inputs that only say where to point an error message; they change nothing a step produces.
-MESSAGE_ONLY_INPUTS = {"where"}
+OUTPUT_LIBRARIES = ("torch", "transformers", "peft", "datasets", "tokenizers", "bitsandbytes", "onnxruntime-genai")
+MANIFEST = ".olive-grove-manifest.json"
+# Files up to this size are hashed on every cache hit; bigger ones when their size or mtime moved.
+HASHED_ON_EVERY_HIT = 64 << 20
 
 
 @functools.cache
@@ -49,38 +50,51 @@ def library_versions() -> dict[str, str]:
 
 
 class StepContext(BaseModel):
-    """Where a step keeps its files; not part of any cache key, so moving the cache keeps its hits.
-
-    `cache_dir` is always a local folder; with a shared cache (`shared_url`) it is this machine's copy.
-    """
+    """Where steps keep and find files on this machine; never part of a cache key, so a moved cache keeps
+    its hits. `cache_dir` is always local: with a shared cache (`shared_url`) it is this machine's copy."""
 
     cache_dir: str
     shared_url: str | None = None
+    downloads: str
     retries: int = 0
     retry_delay_seconds: float = 30
 
     def folder(self, step: str, key: str) -> StepFolder:
         return StepFolder(Path(self.cache_dir) / "steps" / step / key)
 
+    def record(self, key: str) -> Path:
+        return Path(self.cache_dir) / "results" / key
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.cache_dir).as_posix()
+
     def shared(self) -> SharedCache | None:
         return SharedCache(self.shared_url, Path(self.cache_dir)) if self.shared_url else None
 
 
-def step_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
+def step_key(step: str, version: str, inputs: dict[str, Any]) -> str:
     """Hash of the step, its code version, its settings, its inputs' fingerprints and library versions."""
-    parts: dict[str, Any] = {"step": step, "code": code_version, "libs": library_versions()}
+    parts: dict[str, Any] = {"step": step, "code": version, "libs": library_versions()}
     for name, value in sorted(inputs.items()):
-        if isinstance(value, StepContext) or name in MESSAGE_ONLY_INPUTS:
+        if isinstance(value, StepContext):
             continue
-        if isinstance(value, Artifact):
-            parts[name] = value.fingerprint
-        elif hasattr(value, "cache_view"):
-            parts[name] = value.cache_view()
-        elif isinstance(value, BaseModel):
-            parts[name] = value.model_dump(mode="json")
-        else:
-            parts[name] = value
+        parts[name] = _key_view(value)
     return f"{step}-{hash_value(parts)}"
+
+
+def _key_view(value: Any) -> Any:
+    if isinstance(value, Artifact):
+        return value.fingerprint
+    if isinstance(value, dict):
+        return {k: _key_view(v) for k, v in value.items()}
+    if hasattr(value, "cache_view"):
+        return value.cache_view()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+# ------------------------------------------------------------------------------------ step folders
 
 
 @dataclass(frozen=True)
@@ -106,30 +120,168 @@ class StepFolder:
         return path
 
     def publish(self, staged: Path) -> Path:
-        """Move a complete output into place atomically; a folder already there (a concurrent twin) wins."""
+        """Write the manifest, then move the output into place atomically; a concurrent twin wins."""
+        write_manifest(staged)
         move_into_place(staged, self.final)
         shutil.rmtree(self.work, ignore_errors=True)
         return self.final
 
 
-def publish_copy(source: Path, target: Path, stamp: str) -> None:
-    """Place a copy of `source` at `target`, whole or not at all, replacing what was there.
+def write_manifest(folder: Path) -> None:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        stat = path.stat()
+        files[path.relative_to(folder).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                      "hash": hash_file(path)}  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
-    A copy, not links: editing an output must never change the cache. `stamp` (the cache key) is
-    written beside the files, and a target already stamped with it is left as it is.
+
+def damage(folder: Path, thorough: bool = False) -> str | None:
+    """What is wrong with a step folder against its manifest, or None when it is whole.
+
+    Names and sizes are always checked; contents of small files always, of big ones when their mtime
+    moved, of all with `thorough`.
     """
-    marker = target / SOURCE_STAMP
-    if marker.is_file() and marker.read_text() == stamp:
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "its files are missing" if not folder.is_dir() else "it has no readable manifest"
+    for name, expected in files.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != expected["size"]:
+            return f"{name} has {stat.st_size} bytes, not {expected['size']}"
+        check = thorough or stat.st_size <= HASHED_ON_EVERY_HIT or stat.st_mtime_ns != expected["mtime_ns"]
+        if check and hash_file(path) != expected["hash"]:
+            return f"{name} changed since it was cached"
+    return None
+
+
+def _accept_copied_files(folder: Path) -> None:
+    """A folder downloaded and fully checked: note its files' new mtimes, so hits need not hash them again."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        entry["mtime_ns"] = (folder / name).stat().st_mtime_ns
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+# ------------------------------------------------------------------------- cache policy and repair
+
+
+class StepCachePolicy(CachePolicy):
+    """Prefect's cache key = our content key, so a hit means same code, settings, inputs and libraries.
+
+    Computing the key also makes sure a hit will be good: an entry whose files are missing or damaged is
+    fetched again from the shared cache or removed (a miss: the step recomputes), never served.
+    """
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters, **kwargs) -> str:
+        step = task_ctx.task
+        key = step_key(step.name, step.version, inputs)
+        make_entry_usable(inputs["ctx"], step.name, key)
+        return key
+
+
+STEP_CACHE = StepCachePolicy()
+
+
+def make_entry_usable(ctx: StepContext, step: str, key: str) -> None:
+    """Leave the key's entry whole, or absent; shared-cache failures cost a recompute, never the run."""
+    log = get_run_logger()
+    record, folder, shared = ctx.record(key), ctx.folder(step, key).final, ctx.shared()
+    if record.is_file():
+        problem = damage(folder)
+        if problem is None:
+            return
+        log.warning("%s: the cached result %s is damaged (%s): it is not used", step, key, problem)
+        record.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    if shared is None:
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(source, staged)
-    (staged / marker.name).write_text(stamp)
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(staged, target)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        if shared.fetch(step, key, folder):
+            log.info("%s: reusing the result a run elsewhere shared", step)
+    except UserError as exc:
+        log.warning("%s: the shared cache could not be read: %s", step, exc.line())
+
+
+def cache_options(ctx: StepContext) -> dict[str, Any]:
+    """Task options that keep a step's records in the run's cache folder, one computation per key at a time
+    (a file lock per key: the second run waits, then reuses the first's result), shared when finished."""
+    cache = Path(ctx.cache_dir)
+    policy = STEP_CACHE.configure(
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=LiveHolderLockManager(lock_files_directory=cache / "locks"),
+    )
+    hooks = [functools.partial(_share_finished_step, ctx)] if ctx.shared_url else []
+    return {"cache_policy": policy, "result_storage": cache / "results", "on_completion": hooks}
+
+
+def _share_finished_step(ctx: StepContext, task, task_run, state) -> None:
+    """Upload a finished step to the shared cache; failing to share costs other machines a recompute, not
+    this run its result."""
+    artifact: Artifact = state.result()
+    shared = ctx.shared()
+    try:
+        if shared and shared.share(task.name, artifact.fingerprint, ctx.folder(task.name, artifact.fingerprint).final):
+            get_run_logger().info("%s: shared through %s", task.name, shared.remote.url)
+    except UserError as exc:
+        get_run_logger().warning("%s: not shared: %s", task.name, exc.line())
+
+
+# ------------------------------------------------------------------------------------- shared cache
+
+
+def local_copy_of(url: str, root: Path) -> Path:
+    """This machine's working copy of the shared cache at `url`, under `root`."""
+    return root / hash_value(url.rstrip("/"))[:16]
+
+
+class SharedCache:
+    """A cache at a URL, shared by every machine that runs the flow.
+
+    A step's files are uploaded before its record, so a record there means its files are complete; a
+    machine that lacks a record fetches it, and the files with it, before the step runs, so Prefect sees
+    another machine's result as a cache hit.
+    """
+
+    def __init__(self, url: str, local_dir: Path) -> None:
+        self.remote = Remote(url, "")
+        self.local_dir = local_dir
+
+    def fetch(self, step: str, key: str, target: Path) -> bool:
+        """Bring another machine's result here, files checked against its manifest; False if there is none."""
+        if not self.remote.exists(f"results/{key}"):
+            return False
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.remote.download_folder(f"steps/{step}/{key}", target)
+        if damage(target, thorough=True) is not None:
+            shutil.rmtree(target, ignore_errors=True)
+            return False
+        _accept_copied_files(target)
+        record = self.local_dir / "results" / key
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{key}.tmp{os.getpid()}")
+        self.remote.download_file(f"results/{key}", tmp)
+        tmp.replace(record)
+        return True
+
+    def share(self, step: str, key: str, folder: Path) -> bool:
+        """Upload a finished step (files, then its record) unless the shared cache has it; True if uploaded."""
+        record = self.local_dir / "results" / key
+        if not record.is_file() or self.remote.exists(f"results/{key}"):
+            return False
+        # Never removing first: a twin that uploads the same key must not empty files a record vouches for.
+        self.remote.upload_folder(folder, f"steps/{step}/{key}", replace=False)
+        self.remote.upload_file(record, f"results/{key}")
+        return True
+
+
+# --------------------------------------------------------------------------------------------- locks
 
 
 class LiveHolderLockManager(FileSystemLockManager):
@@ -173,6 +325,9 @@ def _holder_died(holder: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+# ---------------------------------------------------------------------------------- grove cache ...
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import string
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from olive_grove.tasks.artifact import hash_file, hash_value
+from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
-from olive_grove.tasks.errors import UserError
-from olive_grove.tasks.models import load_tokenizer
+from olive_grove.tasks.errors import UserError, located
+from olive_grove.tasks.files import hash_file, hash_value
+from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
     fetch_files,
     file_fingerprint,
@@ -163,30 +163,26 @@ def row_text(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: 
     return text
 
 
-def load_rows(config: DataConfig, where: str):
-    """Load the configured split with `datasets`, turning missing files into a clear error."""
+def load_rows(config: DataConfig, downloads: Path):
+    """Load the configured split with `datasets`, turning missing files into a clear error.
+
+    Files behind URLs are read from local copies in `downloads`, one per file content.
+    """
     import datasets
 
     load = config.load_dataset_config
-    check_data_files(config, where)
-    data_files = local_data_files(load, f"{where}.load_dataset_config.data_files")
+    check_data_files(config)
+    data_files = local_data_files(load, "load_dataset_config.data_files", downloads / "data")
     try:
         return datasets.load_dataset(
             load.data_name, name=load.subset, data_files=data_files, data_dir=load.data_dir, split=load.split
         )
     except Exception as exc:  # datasets raises many types for unreadable data; each is the data's fault
         cause = exc.__cause__ or exc
-        raise UserError(
-            f"{where}.load_dataset_config", f"could not load the dataset: {cause}".splitlines()[0]
-        ) from None
+        raise UserError("load_dataset_config", f"could not load the dataset: {cause}".splitlines()[0]) from None
 
 
-def data_copies() -> Path:
-    """Local copies of data files read from URLs, one folder per file content (OLIVE_GROVE_DATA_CACHE moves it)."""
-    return Path(os.environ.get("OLIVE_GROVE_DATA_CACHE") or Path.home() / ".cache" / "olive-grove" / "data")
-
-
-def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
+def local_data_files(load: LoadDatasetSettings, where: str, downloads: Path) -> Any:
     """`data_files` with every URL replaced by local copies of the files it names, in the same shape."""
 
     def local(files: str | list[str], where: str) -> str | list[str]:
@@ -195,7 +191,7 @@ def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
         paths = []
         for file in [files] if isinstance(files, str) else files:
             if is_url(file):
-                paths += [str(p) for p in fetch_files(file, where, load.storage_options, data_copies())]
+                paths += [str(p) for p in fetch_files(file, where, load.storage_options, downloads)]
             else:
                 paths.append(file)
         return paths
@@ -206,30 +202,32 @@ def local_data_files(load: LoadDatasetSettings, where: str) -> Any:
     return files if files is None else local(files, where)
 
 
-def check_text_columns(config: DataConfig, columns: list[str], where: str) -> None:
+def check_text_columns(config: DataConfig, columns: list[str]) -> None:
     missing = [c for c in config.pre_process_data_config.text_cols if c not in columns]
     if missing:
         raise UserError(
-            f"{where}.pre_process_data_config.text_cols",
+            "pre_process_data_config.text_cols",
             f"column '{missing[0]}' is not in the dataset",
             f"columns: {', '.join(columns)}",
         )
 
 
-def check_data(config: DataConfig, where: str) -> None:
+def check_data(config: DataConfig, downloads: Path) -> None:
     """Files exist and, for local files, hold the columns the template needs: checked before any work."""
-    check_data_files(config, where)
+    check_data_files(config)
     load = config.load_dataset_config
     if load.data_name in LOCAL_FORMATS and load.data_files is not None:
-        check_text_columns(config, load_rows(config, where).column_names, where)
+        check_text_columns(config, load_rows(config, downloads).column_names)
 
 
-def check_data_files(config: DataConfig, where: str) -> None:
+def check_data_files(config: DataConfig) -> None:
     """Every listed file or pattern matches something, local or behind a URL."""
     load = config.load_dataset_config
-    where = f"{where}.load_dataset_config.data_files"
+    where = "load_dataset_config.data_files"
     if isinstance(load.data_files, AzureMLDatastore):
-        raise UserError(where, "the azureml_datastore was not resolved to a URL", "run through grove or the flow")
+        raise UserError(
+            where, "the azureml_datastore is not resolved to a blob URL", "resolve it through its workspace first"
+        )
     for file_where, file in listed_files(load.data_files, where):
         if is_url(file):
             fs, path = filesystem(file, file_where, load.storage_options)
@@ -333,49 +331,72 @@ def pack_rows(token_rows: list[list[int]], max_len: int) -> dict[str, list[list[
     return out
 
 
+class DatasetSettings(BaseModel):
+    """The dataset step's settings: one data config, and how much of it to hold out for evaluation.
+
+    Errors about the data config are named under `data`, the others at their own key.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataConfig
+    files_fingerprint: str = Field(description="what the data files hold (fingerprint_data)")
+    eval_dataset_size: float | None = Field(None, description="a fraction (<1) or count (>=1) of the samples")
+    seed: int | None = Field(None, description="seeds the eval split")
+
+    def cache_view(self) -> dict[str, Any]:
+        return {**self.model_dump(mode="json", exclude={"data"}), "data": self.data.cache_view()}
+
+
+class DatasetInfo(StepInfo):
+    rows: int
+    samples: dict[str, int]
+    tokens: int
+    strategy: str
+    max_seq_len: int
+
+
 def prepare_dataset(
-    config: DataConfig,
-    where: str,
-    tokenizer_path: str,
-    eval_dataset_size: float | None,
-    seed: int | None,
-    out_dir: Path,
-) -> dict[str, Any]:
-    """Template and tokenize one data config into `out_dir/train` (and `out_dir/eval`); return counts."""
+    settings: DatasetSettings, files: StepFiles, report: Reporter, *, model: Artifact[ModelInfo]
+) -> DatasetInfo:
+    """Template and tokenize one data config into `files.out/train` (and `files.out/eval`); return counts."""
     import datasets
 
-    tokenizer = load_tokenizer(tokenizer_path)
-    rows = load_rows(config, where)
-    settings = config.pre_process_data_config
-    check_text_columns(config, rows.column_names, where)
-    texts = [t for t in (row_text(r, settings, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
-    samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, settings))
+    config = settings.data
+    tokenizer = load_tokenizer(model.path, model.info.trust_remote_code)
+    with located("data"):
+        rows = load_rows(config, files.downloads)
+        check_text_columns(config, rows.column_names)
+    text = config.pre_process_data_config
+    texts = [t for t in (row_text(r, text, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
+    samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, text))
     if len(samples) == 0:
         total = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         raise UserError(
-            f"{where}.pre_process_data_config.max_seq_len",
+            "data.pre_process_data_config.max_seq_len",
             f"the dataset gives no sample: {len(texts)} rows hold {total} tokens, fewer than one "
-            f"{settings.max_seq_len}-token block plus one",
+            f"{text.max_seq_len}-token block plus one",
             "lower max_seq_len (source_max_len) or use strategy line-by-line",
         )
     splits = {"train": samples}
-    if eval_dataset_size:
+    size = settings.eval_dataset_size
+    if size:
         if len(samples) < 2:
             raise UserError("eval_dataset_size", f"only {len(samples)} sample to split", "add data or drop it")
         # Olive's meaning: below 1 a fraction of the samples, from 1 a count of them.
-        size = int(eval_dataset_size) if eval_dataset_size >= 1 else eval_dataset_size
-        split = samples.train_test_split(test_size=size, seed=seed, shuffle=True)
+        split = samples.train_test_split(test_size=int(size) if size >= 1 else size, seed=settings.seed, shuffle=True)
         splits = {"train": split["train"], "eval": split["test"]}
     for name, part in splits.items():
-        part.save_to_disk(str(out_dir / name))
+        part.save_to_disk(str(files.out / name))
     token_count = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in samples["labels"])
-    return {
-        "rows": len(rows),
-        "samples": {name: len(part) for name, part in splits.items()},
-        "tokens": token_count,
-        "strategy": settings.strategy,
-        "max_seq_len": settings.max_seq_len,
-    }
+    report.log(f"dataset {config.name}: {len(rows)} rows -> {len(samples)} samples")
+    return DatasetInfo(
+        rows=len(rows),
+        samples={name: len(part) for name, part in splits.items()},
+        tokens=token_count,
+        strategy=text.strategy,
+        max_seq_len=text.max_seq_len,
+    )
 
 
 def fingerprint_data(config: DataConfig) -> str:
@@ -390,7 +411,7 @@ def fingerprint_data(config: DataConfig) -> str:
     found: dict[str, list[str]] = {}
     for split, patterns in splits.items():
         for pattern in [patterns] if isinstance(patterns, str) else list(patterns or []):
-            fs, path = filesystem(pattern, "data_files", load.storage_options)
+            fs, path = filesystem(pattern, "load_dataset_config.data_files", load.storage_options)
             for name in sorted(fs.expand_path(path)) if fs.exists(path) or is_pattern(path) else []:
                 info = fs.info(name)
                 if info["type"] == "file":

@@ -2,7 +2,8 @@
 
 Each process trains on its share of every optimizer step's samples (the Trainer's DDP), so the effective
 batch and the number of optimizer steps stay what the config says; process 0 saves the adapter and
-reports progress and metrics back to the step, which stays one Prefect task.
+reports progress and log lines back to the step, which stays one Prefect task. Every process runs the
+same `adapters.train_adapter` call as a single process would, with its `Placement`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from olive_grove.tasks import adapters
+from olive_grove.tasks.adapters import AdapterInfo, LoRASettings, train_adapter
+from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, TrainingProgress
+from olive_grove.tasks.data import DatasetInfo
 from olive_grove.tasks.errors import UserError
-from olive_grove.tasks.speed import effective_batch, local_rank, release_compiled_layers
+from olive_grove.tasks.models import ModelInfo
+from olive_grove.tasks.speed import Placement, effective_batch
 
 # Lines process 0 prints for the launching step: progress, and messages for the run log.
 PROGRESS = "olive-grove-progress "
 LOG = "olive-grove-log "
+INPUT_TYPES = {"model": Artifact[ModelInfo], "dataset": Artifact[DatasetInfo], "eval_dataset": Artifact[DatasetInfo]}
 
 
-def process_count(settings: adapters.LoRASettings) -> int:
+def process_count(settings: LoRASettings) -> int:
     """One process per GPU (or as many as `processes` asks for), as many as evenly split the batch."""
     import torch
 
@@ -37,60 +41,41 @@ def process_count(settings: adapters.LoRASettings) -> int:
     return max(d for d in range(1, max(wanted, 1) + 1) if effective % d == 0)
 
 
-def train(
-    settings: adapters.LoRASettings,
-    model_path: str,
-    dataset_dir: Path,
-    checkpoint_dir: Path,
-    out_dir: Path,
-    trust_remote_code: bool = False,
-    on_progress: Callable[[int, int, float | None], None] | None = None,
-    log: Callable[[str], None] = print,
-    eval_dir: Path | None = None,
-) -> dict[str, Any]:
-    """`adapters.train_adapter`, in this process or, with several processes, under torchrun."""
-    processes = process_count(settings)
-    if processes == 1:
-        try:
-            return adapters.train_adapter(settings, model_path, dataset_dir, checkpoint_dir, out_dir,
-                                          trust_remote_code, on_progress, log, eval_dir)  # fmt: skip
-        finally:
-            release_compiled_layers()
-    call = {
-        "settings": settings.model_dump(mode="json"),
-        "model_path": model_path,
-        "dataset_dir": str(dataset_dir),
-        "checkpoint_dir": str(checkpoint_dir),
-        "out_dir": str(out_dir),
-        "trust_remote_code": trust_remote_code,
-        "eval_dir": str(eval_dir) if eval_dir else None,
-    }
-    log(f"data parallel: {processes} processes, effective batch {effective_batch(settings)} split between them")
+def launch(
+    processes: int, settings: LoRASettings, files: StepFiles, report: Reporter, **inputs: Artifact | None
+) -> AdapterInfo:
+    """`train_adapter` in `processes` torchrun processes; returns process 0's result."""
+    report.log(f"data parallel: {processes} processes, effective batch {effective_batch(settings)} split between them")
     with tempfile.TemporaryDirectory(prefix="grove-ddp-") as tmp:
-        spec, metrics, error = (Path(tmp) / name for name in ("call.json", "metrics.json", "error.json"))
-        spec.write_text(json.dumps({**call, "metrics": str(metrics), "error": str(error)}))
+        spec, result, error = (Path(tmp) / name for name in ("call.json", "result.json", "error.json"))
+        call = {
+            "settings": settings.model_dump(mode="json"),
+            "files": {k: str(v) for k, v in asdict(files).items()},
+            "inputs": {k: a.model_dump(mode="json") for k, a in inputs.items() if a is not None},
+            "result": str(result),
+            "error": str(error),
+        }
+        spec.write_text(json.dumps(call))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "olive_grove.tasks.data_parallel", str(spec)]  # fmt: skip
-        failed = _follow(command, on_progress, log)
+        failed = _follow(command, report)
         if error.is_file():  # a user mistake found by a process: the same one-line error as in-process
             raise UserError(*json.loads(error.read_text()))
         if failed:
             raise RuntimeError(failed)
-        return json.loads(metrics.read_text())
+        return AdapterInfo.model_validate_json(result.read_text())
 
 
-def _follow(command: list[str], on_progress, log: Callable[[str], None]) -> str | None:
+def _follow(command: list[str], report: Reporter) -> str | None:
     """Run the launcher, passing process 0's progress and log lines on; on failure, the output's tail."""
     tail: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         for line in process.stdout:
             line = line.rstrip()  # a marked line may follow a progress bar's carriage returns
             if PROGRESS in line:
-                step, total, loss = json.loads(line.split(PROGRESS, 1)[1])
-                if on_progress:
-                    on_progress(step, total, loss)
+                report.progress(TrainingProgress(**json.loads(line.split(PROGRESS, 1)[1])))
             elif LOG in line:
-                log(line.split(LOG, 1)[1])
+                report.log(line.split(LOG, 1)[1])
             elif line:
                 tail = [*tail[-40:], line]
     if process.returncode:
@@ -98,37 +83,44 @@ def _follow(command: list[str], on_progress, log: Callable[[str], None]) -> str 
     return None
 
 
+class _FirstProcessReporter(Reporter):
+    """Process 0 prints marked lines for the launching step; the others stay quiet."""
+
+    def __init__(self, first: bool) -> None:
+        self.first = first
+
+    def log(self, message: str) -> None:
+        if self.first:
+            print(LOG + message, flush=True)
+
+    def progress(self, update: TrainingProgress) -> None:
+        if self.first:
+            print(PROGRESS + json.dumps(asdict(update)), flush=True)
+
+
 def _main(spec_path: str) -> None:
-    """One torchrun process: train, and on process 0 write the metrics for the launching step."""
+    """One torchrun process: train with its placement, and on process 0 write the result for the launcher."""
     import torch
 
+    from olive_grove.tasks.passes import PASS_TYPES
+
+    placement = Placement(
+        rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+    )
     if torch.cuda.is_available():  # "cuda" means this process's GPU, for every library that says only that
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(placement.local_rank)
     call = json.loads(Path(spec_path).read_text())
-    kind = adapters.QLoRASettings if call["settings"]["type"] == "QLoRA" else adapters.LoRASettings
-    first = int(os.environ.get("RANK", "0")) == 0
-
-    def progress(step: int, total: int, loss: float | None) -> None:
-        if first:
-            print(PROGRESS + json.dumps([step, total, loss]), flush=True)
-
+    settings = PASS_TYPES[call["settings"]["type"]].settings.model_validate(call["settings"])
+    files = StepFiles(**{k: Path(v) for k, v in call["files"].items()})
+    inputs = {k: INPUT_TYPES[k].model_validate(v) for k, v in call["inputs"].items()}
     try:
-        metrics = adapters.train_adapter(
-            kind.model_validate(call["settings"]),
-            call["model_path"],
-            Path(call["dataset_dir"]),
-            Path(call["checkpoint_dir"]),
-            Path(call["out_dir"]),
-            trust_remote_code=call["trust_remote_code"],
-            on_progress=progress,
-            log=lambda text: print(LOG + text, flush=True) if first else None,
-            eval_dir=Path(call["eval_dir"]) if call["eval_dir"] else None,
-        )
+        info = train_adapter(settings, files, _FirstProcessReporter(placement.rank == 0), placement=placement,
+                             **inputs)  # fmt: skip
     except UserError as exc:
         Path(call["error"]).write_text(json.dumps([exc.where, exc.problem, exc.hint]))
         raise
-    if first:
-        Path(call["metrics"]).write_text(json.dumps(metrics))
+    if placement.rank == 0:
+        Path(call["result"]).write_text(info.model_dump_json())
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 
 class UserError(ValueError):
     """A mistake in the config or its inputs, located by `where` (a config path, a file or a URI).
 
-    Raised inside a pydantic validator, `where` is relative to the model being validated; the config
-    loader prefixes the model's own path.
+    Code that sees only part of the config (a step, a settings model) names the key relative to that
+    part; whoever knows where that part sits in the config moves the error there (`under`, `located`).
     """
 
     def __init__(self, where: str, problem: str, hint: str = "") -> None:
@@ -18,11 +19,18 @@ class UserError(ValueError):
         super().__init__(self.line())
 
     def __reduce__(self):  # Prefect pickles a failed step's exception into its result
-        return (UserError, (self.where, self.problem, self.hint))
+        return (type(self), (self.where, self.problem, self.hint))
 
     def line(self) -> str:
         text = f"{self.where}: {self.problem}" if self.where else self.problem
         return f"{text} ({self.hint})" if self.hint else text
+
+    def under(self, prefix: str) -> UserError:
+        """The same error, for a key `where` inside the section at `prefix`."""
+        if not prefix:
+            return self
+        where = self.where if self.where.startswith("[") or not self.where else f".{self.where}"
+        return type(self)(prefix + where if self.where else prefix, self.problem, self.hint)
 
 
 class UserErrors(UserError):
@@ -37,6 +45,22 @@ class UserErrors(UserError):
 
     def line(self) -> str:
         return "\n".join(e.line() for e in self.errors)
+
+    def under(self, prefix: str) -> UserErrors:
+        return UserErrors([e.under(prefix) for e in self.errors])
+
+
+class NoCredentials(UserError):
+    """Storage that needs credentials nobody gave; the edge that knows how to store them adds the hint."""
+
+
+@contextlib.contextmanager
+def located(prefix: str) -> Iterator[None]:
+    """Raise the UserErrors of the block under `prefix`: its keys are relative to that section."""
+    try:
+        yield
+    except UserError as exc:
+        raise exc.under(prefix) from None
 
 
 def nearest(name: str, choices: Iterable[str]) -> str:

@@ -19,7 +19,7 @@ def model_kind(path: Path) -> str:
     raise UserError(
         str(path),
         "not an ONNX model, adapter or Hugging Face model folder",
-        "give engine.output_dir/onnx/<precision>-<ep>, merged/ or adapter/",
+        "give the onnx/<precision>-<ep>, merged/ or adapter/ folder of a run's outputs",
     )
 
 

@@ -1,10 +1,13 @@
-"""Base models: where they come from, what they are made of, and how they are loaded."""
+"""Base models: where they come from, what they are made of, and how they are loaded.
+
+Errors name keys relative to `input_model.model_path`; the flow puts them there.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
-import os
+import json
 import re
 import shutil
 import uuid
@@ -13,16 +16,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from olive_grove.tasks.artifact import Artifact, hash_files, hash_value, move_into_place, read_memo, write_memo
+from olive_grove.tasks.artifact import Artifact, StepInfo
 from olive_grove.tasks.azureml import connect, find_model_folder
 from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.files import USER_CACHE, hash_files, hash_value, move_into_place, read_memo, write_memo
 from olive_grove.tasks.storage import Remote, file_fingerprint, is_url
 
-# Answers that cost seconds to compute and depend only on what is installed and the model's config.
-NAMES_MEMO = Path.home() / ".cache" / "olive-grove"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Files that decide what a model computes and how its text is tokenized.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.py", "*.tiktoken")
+SourceKind = Literal["local", "url", "azureml", "hub"]
 
 
 class ModelSource(BaseModel):
@@ -36,34 +39,34 @@ class ModelSource(BaseModel):
     azureml_client: dict[str, Any] | None = None
 
     @property
-    def kind(self) -> Literal["local", "url", "azureml", "hub"]:
+    def kind(self) -> SourceKind:
         if self.registry_name:
             return "azureml"
         if is_url(self.name):
             return "url"
         return "local" if Path(self.name).is_dir() else "hub"
 
-    @property
-    def is_local(self) -> bool:
-        return self.kind == "local"
+
+class ModelInfo(StepInfo):
+    """A Hugging Face model folder: where it came from, and how it must be loaded."""
+
+    source: SourceKind | Literal["merged"]
+    name: str
+    revision: str | None = None
+    trust_remote_code: bool = False
 
 
-def check_model_source(source: ModelSource, where: str) -> None:
+def check_model_source(source: ModelSource) -> None:
     if source.kind == "local":
         if not (Path(source.name) / "config.json").exists():
-            raise UserError(where, f"{source.name} has no config.json", "point it at a Hugging Face model folder")
+            raise UserError("", f"{source.name} has no config.json", "point it at a Hugging Face model folder")
     elif source.kind == "url":
-        if not Remote(source.name, where).exists("config.json"):
-            raise UserError(where, f"{source.name} has no config.json", "point it at a Hugging Face model folder")
+        if not Remote(source.name, "").exists("config.json"):
+            raise UserError("", f"{source.name} has no config.json", "point it at a Hugging Face model folder")
     elif source.kind == "azureml":
-        connect(source.azureml_client, where)  # the Azure ML client library is there
+        connect(source.azureml_client, "")  # the Azure ML client library is there
     elif not HUB_ID.match(source.name):
-        raise UserError(where, f"no folder {source.name}, and it is not a hub id", "give a model folder or org/name")
-
-
-def model_cache() -> Path:
-    """Where base models fetched from URLs and Azure ML registries are kept (OLIVE_GROVE_MODEL_CACHE moves it)."""
-    return Path(os.environ.get("OLIVE_GROVE_MODEL_CACHE") or NAMES_MEMO / "models")
+        raise UserError("", f"no folder {source.name}, and it is not a hub id", "give a model folder or org/name")
 
 
 def model_files(root: Path) -> list[str]:
@@ -71,66 +74,54 @@ def model_files(root: Path) -> list[str]:
     return sorted(names)
 
 
-def resolve_model(source: ModelSource, memo: Path | None = None) -> Artifact:
-    """Fingerprint a base model, fetched into a local folder once: steps always load local files.
+def resolve_model(source: ModelSource, downloads: Path, memo: Path | None = None) -> Artifact[ModelInfo]:
+    """Fingerprint a base model, fetched into `downloads` once: steps always load local files.
 
     A local folder counts by its files' bytes, a URL by its blobs' ETags, a registry model by its
     (immutable) name and version, a hub model by its commit.
     """
+    info = {"name": source.name, "trust_remote_code": source.trust_remote_code}
     if source.kind == "local":
         root = Path(source.name).resolve()
         fingerprint = hash_files(root, model_files(root), memo=memo)
-        return Artifact(kind="model", path=str(root), fingerprint=fingerprint, metadata={"source": "local"})
+        return Artifact(path=str(root), fingerprint=fingerprint, info=ModelInfo(source="local", **info))
     if source.kind == "url":
-        return _fetch_url(source)
-    if source.kind == "azureml":
-        return _fetch_registry_model(source)
-    # Steps load the downloaded folder, so the revision fingerprinted is the one trained on.
-    folder = _download(source)
-    commit = Path(folder).name  # the hub cache keeps each snapshot under its commit hash
-    return Artifact(
-        kind="model",
-        path=folder,
-        fingerprint=f"hub:{source.name}@{commit}",
-        metadata={"source": "hub", "model": source.name, "revision": commit},
-    )
+        folder, fingerprint = _fetch_url(source, downloads)
+    elif source.kind == "azureml":
+        folder, fingerprint = _fetch_registry_model(source, downloads)
+    else:
+        folder = Path(_download(source))
+        # Steps load the downloaded folder, so the revision fingerprinted is the one trained on.
+        fingerprint, info["revision"] = f"hub:{source.name}@{folder.name}", folder.name
+    return Artifact(path=str(folder), fingerprint=fingerprint, info=ModelInfo(source=source.kind, **info))
 
 
-def _fetch_url(source: ModelSource) -> Artifact:
-    """A model folder behind a URL: listed (names, ETags), downloaded into the model cache once per content."""
-    remote = Remote(source.name, "input_model.model_path")
+def _fetch_url(source: ModelSource, downloads: Path) -> tuple[Path, str]:
+    """A model folder behind a URL: listed (names, ETags), downloaded once per content."""
+    remote = Remote(source.name, "")
     listing = remote.listing("")
     names = sorted(n for n in listing if "/" not in n and any(fnmatch.fnmatch(n, p) for p in MODEL_FILE_PATTERNS))
     if "config.json" not in names:
-        raise UserError("input_model.model_path", f"{source.name} has no config.json", "point it at a model folder")
+        raise UserError("", f"{source.name} has no config.json", "point it at a model folder")
     fingerprint = hash_value({n: file_fingerprint(listing[n]) for n in names})
-    folder = model_cache() / "url" / fingerprint
+    folder = downloads / "models" / "url" / fingerprint
     if not folder.is_dir():
         remote.download_folder("", folder, names)
-    return Artifact(kind="model", path=str(folder), fingerprint=f"url:{fingerprint}",
-                    metadata={"source": "url", "model": source.name})  # fmt: skip
+    return folder, f"url:{fingerprint}"
 
 
-def _fetch_registry_model(source: ModelSource) -> Artifact:
+def _fetch_registry_model(source: ModelSource, downloads: Path) -> tuple[Path, str]:
     """An Azure ML registry model, downloaded once: a registered version never changes."""
-    where = "input_model.model_path"
     version = str(source.version)
-    folder = model_cache() / "azureml" / str(source.registry_name) / source.name.replace("/", "--") / version
+    folder = downloads / "models" / "azureml" / str(source.registry_name) / source.name.replace("/", "--") / version
     if not folder.is_dir():
         staged = folder.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            connect(source.azureml_client, where).download_model(
-                str(source.registry_name), source.name, version, staged
-            )
+            connect(source.azureml_client, "").download_model(str(source.registry_name), source.name, version, staged)
             move_into_place(staged, folder)  # a concurrent run may fetch the same version first
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-    return Artifact(
-        kind="model",
-        path=str(find_model_folder(folder, where)),
-        fingerprint=f"azureml:{source.registry_name}/{source.name}:{version}",
-        metadata={"source": "azureml", "model": source.name, "registry": source.registry_name, "version": version},
-    )
+    return find_model_folder(folder, ""), f"azureml:{source.registry_name}/{source.name}:{version}"
 
 
 def _download(source: ModelSource) -> str:
@@ -146,7 +137,7 @@ def _download(source: ModelSource) -> str:
                 source.name, revision=source.revision, allow_patterns=patterns, local_files_only=True
             )
         except Exception as exc:  # the hub client raises many types; all mean "cannot get this model"
-            raise UserError("input_model.model_path", f"cannot get hub model {source.name}: {exc}") from None
+            raise UserError("", f"cannot get hub model {source.name}: {exc}") from None
 
 
 def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set[str]:
@@ -155,25 +146,31 @@ def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set
     Building even an empty model imports its modeling code (seconds), so the answer is kept per model
     config and transformers version.
     """
-    from transformers import AutoConfig
+    config_file = Path(model_path) / "config.json"
+    try:
+        text = config_file.read_text() if config_file.is_file() else None
+        memo_key = [json.loads(text), importlib.metadata.version("transformers")] if text else None
+    except (OSError, ValueError) as exc:
+        raise UserError("", f"cannot read the model's config: {exc}".splitlines()[0]) from None
+    memo = USER_CACHE / f"linear-names-{hash_value(memo_key)}.json" if memo_key else None
+    names = read_memo(memo, None)
+    if names is None:
+        names = _linear_names_of_empty_model(model_path, trust_remote_code)
+        write_memo(memo, names)
+    return set(names)
+
+
+def _linear_names_of_empty_model(model_path: str, trust_remote_code: bool) -> list[str]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        problem = f"cannot read the model's config: {exc}".splitlines()[0]
-        raise UserError("input_model.model_path", problem) from None
-    version = importlib.metadata.version("transformers")
-    memo = NAMES_MEMO / f"linear-names-{hash_value([config.to_dict(), version])}.json"
-    names = read_memo(memo, None)
-    if names is None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        write_memo(memo, names)
-    return set(names)
+        raise UserError("", f"cannot read the model's config: {exc}".splitlines()[0]) from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def torch_dtype(name: str):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo
+from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.models import ModelInfo
 
 EXECUTION_PROVIDERS = {
     "CPUExecutionProvider": "cpu",
@@ -17,21 +22,24 @@ EXECUTION_PROVIDERS = {
 }
 
 
-class ModelBuilderSettings(BaseModel):
+class ModelBuilderSettings(PassSettings):
     """Olive's `ModelBuilder` pass."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["ModelBuilder"] = "ModelBuilder"
     precision: Literal["int4", "int8", "fp16", "bf16", "fp32"] = "int4"
     execution_provider: Literal["cpu", "cuda", "dml", "webgpu"] | None = Field(
-        None, description="default: from engine.execution_providers or the target system"
+        None, description="default: the run's (engine.execution_providers, else the target system's, else cpu)"
     )
     int4_block_size: Literal[16, 32, 64, 128, 256] | None = None
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
     metadata_only: bool = False
     search: dict[str, Any] | None = Field(None, description="genai_config search options, e.g. max_length")
     extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is")
+
+    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
+        if self.precision == "bf16" and self.execution_provider in (None, "cpu"):
+            raise UserError("precision", "bf16 models do not run on the CPU execution provider",
+                            "use int4, int8, fp16 or fp32 for cpu")  # fmt: skip
 
 
 def builder_options(settings: ModelBuilderSettings) -> list[str]:
@@ -50,21 +58,33 @@ def builder_options(settings: ModelBuilderSettings) -> list[str]:
     return [f"{k}={v}" for k, v in options.items()]
 
 
+class OnnxInfo(StepInfo):
+    precision: str
+    execution_provider: str
+    size_bytes: int
+
+
 def build_onnx_model(
-    settings: ModelBuilderSettings, model_path: str, execution_provider: str, out_dir: Path, scratch: Path
-) -> dict[str, Any]:
+    settings: ModelBuilderSettings, files: StepFiles, report: Reporter, *, model: Artifact[ModelInfo]
+) -> OnnxInfo:
     """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    scratch.mkdir(parents=True, exist_ok=True)
-    args = (None, model_path, str(out_dir), settings.precision, execution_provider, str(scratch / "hf-cache"))
-    with (scratch / "builder.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    provider = settings.execution_provider or "cpu"
+    files.work.mkdir(parents=True, exist_ok=True)
+    args = (None, model.path, str(files.out), settings.precision, provider, str(files.work / "hf-cache"))
+    with (
+        (files.work / "builder.log").open("w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
         options = parse_extra_options(*args, builder_options(settings))
         create_model(*args, **options)
     if settings.search:
-        _set_search_options(out_dir / "genai_config.json", settings.search)
-    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
-    return {"precision": settings.precision, "execution_provider": execution_provider, "size_bytes": size}
+        _set_search_options(files.out / "genai_config.json", settings.search)
+    report.log(f"built {settings.precision} ONNX model for {provider}")
+    size = sum(p.stat().st_size for p in files.out.iterdir() if p.is_file())
+    return OnnxInfo(precision=settings.precision, execution_provider=provider, size_bytes=size)
 
 
 def _set_search_options(config_path: Path, search: dict[str, Any]) -> None:

@@ -14,14 +14,23 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 MEMORY_HEADROOM = 0.9  # of the card's memory a micro-batch probe may reach
 # Every in-layer switch of Liger's per-model functions (each takes the ones it knows), off: only the loss.
 LIGER_LOSS_ONLY = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
                    "swiglu": False, "geglu": False, "layer_norm": False}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which of the processes training together this one is (torchrun's ranks); alone by default."""
+
+    rank: int = 0
+    local_rank: int = 0  # this process's GPU on its machine
+    world_size: int = 1  # processes training together; each takes its share of every batch
 
 
 def liger_available() -> bool:
@@ -31,7 +40,12 @@ def liger_available() -> bool:
 
 
 def fast_training_args(
-    settings: Any, model, max_len: int, log: Callable[[str], None] = print, compiled_layers: bool = False
+    settings: Any,
+    model,
+    max_len: int,
+    placement: Placement = Placement(),
+    log: Callable[[str], None] = print,
+    compiled_layers: bool = False,
 ) -> dict[str, Any]:
     """TrainingArguments that change speed, never what one optimizer step learns from."""
     import torch
@@ -52,13 +66,13 @@ def fast_training_args(
 
         args["accelerator_config"] = AcceleratorConfig(non_blocking=True)  # batches are pinned: copy, don't wait
     effective = effective_batch(settings)
-    share = effective // world_size()  # the launcher chose a process count that divides the batch
+    share = effective // placement.world_size  # the launcher chose a process count that divides the batch
     micro = None
     if settings.micro_batch_size == "auto":
-        micro = largest_micro_batch(model, share, max_len) if torch.cuda.is_available() else None
+        micro = largest_micro_batch(model, share, max_len, placement) if torch.cuda.is_available() else None
     elif settings.micro_batch_size is not None:
         micro = settings.micro_batch_size
-    if micro is None and world_size() > 1:  # as configured, but each process takes only its share
+    if micro is None and placement.world_size > 1:  # as configured, but each process takes only its share
         micro = int(training.get("per_device_train_batch_size", 8))
     if micro:
         micro = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
@@ -83,13 +97,15 @@ def layers_to_compile(settings: Any, model) -> list:
     return decoder_layers(model) if wanted else []
 
 
-def replays_cuda_graphs(settings: Any, layers: list, sample_lengths: set[int], evaluates: bool) -> bool:
+def replays_cuda_graphs(
+    settings: Any, layers: list, sample_lengths: set[int], evaluates: bool, placement: Placement = Placement()
+) -> bool:
     """CUDA graphs where they were measured: one process, training samples of one length (a graph is
     recorded per shape), no evaluation (other shapes again), no gradient checkpointing (which re-runs
     layers inside the backward pass)."""
     recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
     static = len(sample_lengths) == 1 and not evaluates
-    alone = world_size() == 1
+    alone = placement.world_size == 1
     return settings.cuda_graphs and static and alone and not recomputes and bool(layers)
 
 
@@ -147,21 +163,11 @@ def effective_batch(settings: Any) -> int:
     return int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
 
 
-def local_rank() -> int:
-    """This process's GPU on its machine (torchrun sets LOCAL_RANK; 0 when training alone)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    """Processes training together (torchrun sets WORLD_SIZE); each takes its share of every batch."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def largest_micro_batch(model, effective: int, max_len: int) -> int:
+def largest_micro_batch(model, effective: int, max_len: int, placement: Placement = Placement()) -> int:
     """Try forward and backward passes of full-length samples, from the whole effective batch down."""
     import torch
 
-    device = torch.device("cuda", local_rank())
+    device = torch.device("cuda", placement.local_rank)
     if next(model.parameters()).device != device:  # loaded on the CPU: the Trainer would move it there anyway
         model.to(device)
     budget = torch.cuda.get_device_properties(device).total_memory * MEMORY_HEADROOM
@@ -179,17 +185,17 @@ def largest_micro_batch(model, effective: int, max_len: int) -> int:
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         if fits:
-            return _smallest_of_all_processes(micro)
+            return _smallest_of_all_processes(micro, placement)
     return 1
 
 
-def _smallest_of_all_processes(micro: int) -> int:
+def _smallest_of_all_processes(micro: int, placement: Placement) -> int:
     """Data-parallel processes must agree on one micro-batch: the one that fits on every GPU."""
     import torch
     import torch.distributed as dist
 
-    if world_size() == 1 or not dist.is_initialized():
+    if placement.world_size == 1 or not dist.is_initialized():
         return micro
-    value = torch.tensor([micro], device=torch.device("cuda", local_rank()))
+    value = torch.tensor([micro], device=torch.device("cuda", placement.local_rank))
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return int(value.item())

@@ -2,7 +2,7 @@
 
 Credentials are never passed around: adlfs reads the standard Azure environment
 (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or a SAS token,
-else DefaultAzureCredential), which `blocks.azure` may fill from a Prefect block.
+else DefaultAzureCredential), which `olive_grove.blocks.azure` may fill from a Prefect block for a run.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from olive_grove.tasks.artifact import hash_value, move_into_place
-from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.errors import NoCredentials, UserError
+from olive_grove.tasks.files import hash_value, move_into_place
 
 CREDENTIALS_HINT = (
-    "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or Azure login, "
-    "or save the 'azure-storage' block (grove blocks set-azure-storage)"
+    "set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or Azure login"
 )
 
 
@@ -53,7 +52,7 @@ def storage_error(exc: BaseException, url: str, where: str) -> UserError:
     code = getattr(exc, "error_code", None) or ""
     status = getattr(exc, "status_code", None)
     if "connection_string or account_name" in text or ("credential" in text.lower() and status is None):
-        return UserError(where, f"{url}: no storage credentials", CREDENTIALS_HINT)
+        return NoCredentials(where, f"{url}: no storage credentials", CREDENTIALS_HINT)
     if isinstance(exc, FileNotFoundError) or status == 404 or "NotFound" in code:
         what = "container" if "Container" in code else "container or blob"
         return UserError(where, f"{url}: no such {what}", "check the account, container and path")

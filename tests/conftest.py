@@ -24,8 +24,8 @@ os.environ.pop("PREFECT_API_URL", None)  # never a real server
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded, ever
-for _cache in ("DATA", "MODEL", "LOCAL"):  # copies of blobs, fetched models, shared-cache copies
-    os.environ[f"OLIVE_GROVE_{_cache}_CACHE"] = str(_SESSION_HOME / f"olive-grove-{_cache.lower()}")
+os.environ["OLIVE_GROVE_DOWNLOADS"] = str(_SESSION_HOME / "olive-grove-downloads")  # copies of blobs and models
+os.environ["OLIVE_GROVE_LOCAL_CACHE"] = str(_SESSION_HOME / "olive-grove-local")  # copies of shared caches
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
@@ -85,29 +85,33 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_dataset(tiny_llama, tmp_path_factory) -> Path:
     """The tone dataset prepared for the tiny llama (join, 64 tokens) with a 10 % eval split."""
-    from olive_grove.tasks.data import DataConfig, prepare_dataset
+    from grove_helpers import Recorder, model_artifact, step_files
 
-    out = tmp_path_factory.mktemp("llama-dataset")
-    config = DataConfig.model_validate(
-        {
-            "name": "tone",
-            "load_dataset_config": {"data_name": "json", "data_files": str(TONE_DATASET)},
-            "pre_process_data_config": {
-                "text_cols": ["phrase", "tone"],
-                "text_template": TONE_TEMPLATE,
-                "max_seq_len": 64,
-                "use_attention_mask": False,
-                "pad_to_max_len": False,
-            },
-        }
-    )
-    prepare_dataset(config, "data_configs[0]", str(tiny_llama), 0.1, 42, out)
-    return out
+    from olive_grove.tasks.data import DatasetSettings, prepare_dataset
+
+    root = tmp_path_factory.mktemp("llama-dataset")
+    config = {
+        "name": "tone",
+        "load_dataset_config": {"data_name": "json", "data_files": str(TONE_DATASET)},
+        "pre_process_data_config": {
+            "text_cols": ["phrase", "tone"],
+            "text_template": TONE_TEMPLATE,
+            "max_seq_len": 64,
+            "use_attention_mask": False,
+            "pad_to_max_len": False,
+        },
+    }
+    settings = DatasetSettings.model_validate({"data": config, "files_fingerprint": "", "eval_dataset_size": 0.1,
+                                               "seed": 42})  # fmt: skip
+    prepare_dataset(settings, step_files(root, root / "dataset"), Recorder(), model=model_artifact(tiny_llama))
+    return root / "dataset"
 
 
 @pytest.fixture(scope="session")
 def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]:
     """A LoRA adapter trained for 2 steps on the tiny llama by the real training code (no Prefect)."""
+    from grove_helpers import Recorder, dataset_artifact, model_artifact, step_files
+
     from olive_grove.tasks.adapters import LoRASettings, train_adapter
 
     root = tmp_path_factory.mktemp("llama-adapter")
@@ -128,23 +132,14 @@ def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]
             },
         }
     )
-    logged: list[str] = []
-    progress: list[tuple[int, int]] = []
-    metrics = train_adapter(
-        settings,
-        str(tiny_llama),
-        llama_dataset,
-        root / "checkpoints",
-        root / "adapter",
-        on_progress=lambda step, total, loss: progress.append((step, total)),
-        log=logged.append,
-        eval_dir=llama_dataset / "eval",
-    )
+    report = Recorder()
+    files = step_files(root, root / "adapter")
+    info = train_adapter(settings, files, report, model=model_artifact(tiny_llama),
+                         dataset=dataset_artifact(llama_dataset))  # fmt: skip
     return {
         "settings": settings,
         "adapter": root / "adapter",
-        "checkpoints": root / "checkpoints",
-        "metrics": metrics,
-        "log": logged,
-        "progress": progress,
+        "checkpoints": files.work / "checkpoints",
+        "info": info,
+        "report": report,
     }

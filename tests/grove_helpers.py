@@ -152,3 +152,46 @@ def step(report: dict[str, Any], label: str) -> dict[str, Any]:
 def tree(root: Path) -> list[str]:
     """Every file and folder under root, relative; [] when root does not exist."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
+
+
+# ------------------------------------------------------------------------- calling plain steps directly
+
+
+class Recorder:
+    """A step's reporter that keeps what the step said, for tests to read."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.updates: list[Any] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def progress(self, update: Any) -> None:
+        self.updates.append(update)
+
+
+def model_artifact(path: Path, trust_remote_code: bool = False):
+    from olive_grove.tasks.artifact import Artifact
+    from olive_grove.tasks.models import ModelInfo
+
+    info = ModelInfo(source="local", name=str(path), trust_remote_code=trust_remote_code)
+    return Artifact(path=str(path), fingerprint=f"test:{path}", info=info)
+
+
+def dataset_artifact(path: Path):
+    """A dataset step's folder (train/, maybe eval/) as the step would hand it on."""
+    from olive_grove.tasks.artifact import Artifact
+    from olive_grove.tasks.data import DatasetInfo
+
+    info = DatasetInfo(rows=0, samples={}, tokens=0, strategy="join", max_seq_len=0)
+    return Artifact(path=str(path), fingerprint=f"test:{path}", info=info)
+
+
+def step_files(root: Path, out: Path | None = None):
+    """Where a plain step writes when a test calls it: `out` (made here), work/ and downloads/ under root."""
+    from olive_grove.tasks.artifact import StepFiles
+
+    out = out or root / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    return StepFiles(out=out, work=root / "work", downloads=root / "downloads")

@@ -57,18 +57,18 @@ def test_remote_data_is_fingerprinted_by_metadata_and_downloaded_once(tmp_path, 
     config = DataConfig.model_validate(
         {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": [f"az://{data}/train.jsonl"]}}
     )
-    monkeypatch.setenv("OLIVE_GROVE_DATA_CACHE", str(tmp_path / "copies"))
+    copies = tmp_path / "copies"
     before = fingerprint_data(config)
-    assert not (tmp_path / "copies").exists()  # fingerprinting downloads nothing
-    [copy] = local_data_files(config.load_dataset_config, "data_files")
+    assert not copies.exists()  # fingerprinting downloads nothing
+    [copy] = local_data_files(config.load_dataset_config, "data_files", copies)
     stamp = Path(copy).stat().st_mtime_ns
-    assert local_data_files(config.load_dataset_config, "data_files") == [copy]
+    assert local_data_files(config.load_dataset_config, "data_files", copies) == [copy]
     assert Path(copy).stat().st_mtime_ns == stamp  # the second read uses the first download
     assert fingerprint_data(config) == before
 
     fs.pipe_file(f"{data}/train.jsonl", TONE_DATASET.read_bytes() + b'{"phrase": "new", "tone": "Joy"}\n')
     assert fingerprint_data(config) != before
-    [fresh] = local_data_files(config.load_dataset_config, "data_files")
+    [fresh] = local_data_files(config.load_dataset_config, "data_files", copies)
     assert fresh != copy and Path(fresh).read_bytes().endswith(b'"Joy"}\n')
 
 
@@ -97,8 +97,6 @@ def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_s
     monkeypatch.setattr("olive_grove.flows.preflight.connect", lambda client, where: workspace)
     monkeypatch.setattr("olive_grove.tasks.models.connect", lambda client, where: workspace)
     put_folder(azure_storage, tiny_phi3, f"az://{store}/registries/azureml-msr/microsoft/Phi-3-mini-4k-instruct/11")
-    monkeypatch.setenv("OLIVE_GROVE_MODEL_CACHE", str(tmp_path / "models"))
-
     guide = SHARED_CONFIGS / "fragments-cloud-data-registry-model.json"
     path = "data_configs.0.load_dataset_config.data_files.relative_path=UI/qa/train.jsonl"
     result = grove("validate", "--config", guide, "--set", path)
@@ -112,8 +110,8 @@ def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_s
 
     # The registry model: downloaded once, found inside MLflow's layout, fingerprinted by name and version.
     source = cfg.model_source()
-    model = resolve_model(source)
-    again = resolve_model(source)
+    model = resolve_model(source, tmp_path)
+    again = resolve_model(source, tmp_path)
     assert workspace.downloads == 1
     assert Path(model.path).name == "model" and (Path(model.path) / "config.json").is_file()
     assert model.fingerprint == again.fingerprint == "azureml:azureml-msr/microsoft/Phi-3-mini-4k-instruct:11"
@@ -122,9 +120,8 @@ def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_s
 def test_a_model_folder_url_is_fetched_once_and_trained_on(tmp_path, tiny_phi3, azure_storage, monkeypatch):
     models = azure_storage.container("models")
     put_folder(azure_storage, tiny_phi3, f"az://{models}/tiny-phi3")
-    monkeypatch.setenv("OLIVE_GROVE_MODEL_CACHE", str(tmp_path / "models"))
     source = ModelSource(name=f"az://{models}/tiny-phi3")
-    first, second = resolve_model(source), resolve_model(source)
+    first, second = resolve_model(source, tmp_path), resolve_model(source, tmp_path)
     assert first == second and first.fingerprint.startswith("url:")
     assert len(list((tmp_path / "models" / "url").iterdir())) == 1
 
@@ -154,7 +151,7 @@ def test_storage_mistakes_are_one_line_naming_the_uri(tmp_path, tiny_phi3, azure
         cfg["cache_dir"] = "az://missing-cache/olive"
     if case == "no credentials":
         monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING")
-        monkeypatch.setattr("olive_grove.flows.finetune.use_azure_storage", lambda: False)  # nor a block
+        monkeypatch.setattr("olive_grove.blocks.azure._block_values", lambda name: {})  # nor a block
     if case == "wrong key":
         monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_storage.connection_string("d3Jvbmc="))
     config = write_project(tmp_path, cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from grove_helpers import grove, tiny_run_config, write_project
 
-from olive_grove.blocks.hub import HF_TOKEN_BLOCK, load_hf_token, save_hf_token
+from olive_grove.blocks.hub import HF_TOKEN_BLOCK, hf_token, load_hf_token, save_hf_token
 
 FAKE_TOKEN = "hf_FAKEtokenFORolivegroveTESTS0123456789"
 
@@ -29,8 +29,7 @@ def test_token_reaches_the_hub_client_and_nothing_else(tmp_path: Path, tiny_phi3
     assert result.rc == 0, result.err[-3000:]
     logs = caplog.text + result.out + result.err
     assert f"Secret block '{HF_TOKEN_BLOCK}'" in logs
-    assert os.environ.get("HF_TOKEN") == FAKE_TOKEN  # handed to huggingface_hub, in this process only
-    monkeypatch.delenv("HF_TOKEN")
+    assert "HF_TOKEN" not in os.environ  # handed to huggingface_hub for the run only
 
     leaks = [str(p) for p in files_under(tmp_path) if FAKE_TOKEN.encode() in p.read_bytes()]
     assert leaks == [], "cache, results or outputs hold the token"
@@ -42,3 +41,11 @@ def test_token_reaches_the_hub_client_and_nothing_else(tmp_path: Path, tiny_phi3
 
 def test_no_block_means_no_token(monkeypatch):
     assert load_hf_token("no-such-block") is None
+
+
+def test_the_token_is_in_the_environment_only_inside_the_block(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "the-users-own")
+    save_hf_token(FAKE_TOKEN)
+    with hf_token() as found:
+        assert found and os.environ["HF_TOKEN"] == FAKE_TOKEN
+    assert os.environ["HF_TOKEN"] == "the-users-own"

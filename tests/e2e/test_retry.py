@@ -22,8 +22,8 @@ UI_RETRY = {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "
 
 
 def _states(server: PrefectServer, flow_run_id: str, task: str) -> list[str]:
-    """The states of a task's runs in this flow run, oldest first (one per attempt of the flow run)."""
-    return [t["state"]["name"] for t in server.task_runs(flow_run_id) if t["name"].rsplit("-", 1)[0] == task]
+    """The states of a step's task runs in this flow run (named after its pass), oldest first."""
+    return [t["state"]["name"] for t in server.task_runs(flow_run_id) if t["name"] == task]
 
 
 def test_failed_build_fixed_and_retried_reuses_training(prefect_server: PrefectServer, worker, tiny_model, tmp_path):
@@ -41,9 +41,9 @@ def test_failed_build_fixed_and_retried_reuses_training(prefect_server: PrefectS
     logs = server.logs(flow_run_id)
     assert "PagedAttention" in logs, logs[-4000:]
     # Training and the merge finished before the build failed; nothing was published.
-    assert _states(server, flow_run_id, "train_adapter") == ["Completed"]
-    assert _states(server, flow_run_id, "merge_adapter") == ["Completed"]
-    assert _states(server, flow_run_id, "build_onnx_model") == ["Failed"]
+    assert _states(server, flow_run_id, "lora") == ["Completed"]
+    assert _states(server, flow_run_id, "merge") == ["Completed"]
+    assert _states(server, flow_run_id, "builder") == ["Failed"]
     assert not (project / "outputs" / "report.json").exists()
 
     # The fix, in place: drop the GPU-only option.
@@ -65,5 +65,5 @@ def test_failed_build_fixed_and_retried_reuses_training(prefect_server: PrefectS
     assert {"lora/dataset", "lora", "merge"} <= set(report["cached_steps"]), report["cached_steps"]
     assert "builder" not in report["cached_steps"]
     # The server agrees: the retry's training task run is Cached, not a second Completed training.
-    assert _states(server, flow_run_id, "train_adapter") == ["Completed", "Cached"]
-    assert _states(server, flow_run_id, "build_onnx_model") == ["Failed", "Completed"]
+    assert _states(server, flow_run_id, "lora") == ["Completed", "Cached"]
+    assert _states(server, flow_run_id, "builder") == ["Failed", "Completed"]

@@ -75,9 +75,9 @@ def test_deployment_run_on_a_process_worker(prefect_server: PrefectServer, worke
     steps = {s["step"]: s for s in report["steps"]}
     assert {"lora/dataset", "lora", "merge", "builder"} <= set(steps)
 
-    # The server saw every step as a task run of this flow run.
-    names = {t["name"].rsplit("-", 1)[0] for t in prefect_server.task_runs(flow_run_id)}
-    assert {"prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model"} <= names
+    # The server saw every step as a task run of this flow run, named after the pass it ran for.
+    names = {t["name"] for t in prefect_server.task_runs(flow_run_id)}
+    assert names == {"input_model", "lora/dataset", "lora", "merge", "builder"}
     # And the CLI lists the run as completed.
     listed = prefect_server.cli("flow-run", "ls", "--flow-name", "finetune", "--state", "COMPLETED").stdout
     assert run["name"] in listed
@@ -100,4 +100,4 @@ def test_grove_submit_sends_the_run_to_the_host_systems_pool(
     assert run["state"]["type"] == "COMPLETED", prefect_server.describe(match.group(1))
     assert run["parameters"]["options"] == {"overrides": ["passes.lora.training_args.max_steps=2"]}
     report = assert_outputs(tmp_path / "project" / "outputs")
-    assert next(s for s in report["steps"] if s["step"] == "lora")["metadata"]["steps"] == 2
+    assert next(s for s in report["steps"] if s["step"] == "lora")["info"]["steps"] == 2

@@ -116,13 +116,14 @@ BAD_INPUTS = {
                               "passes.lora.target_modules.q_projj: is not a linear layer of this model "
                               "(did you mean 'qkv_proj'?)"),
     "merge-without-adapter": (_drop_pass("lora"), False,
-                              "passes.merge: there is no adapter to merge "
-                              "(put a LoRA/QLoRA pass before it or set input_model.adapter_path)"),
+                              "passes.merge: MergeAdapterWeights takes an adapter, and input_model leaves a model "
+                              "(put LoRA or QLoRA before it, or set input_model.adapter_path)"),
     "builder-after-lora-without-merge": (_drop_pass("merge"), False,
-                                         "passes.builder: ModelBuilder needs a merged model "
-                                         "(add MergeAdapterWeights before it)"),
+                                         "passes.builder: ModelBuilder takes a model, and passes.lora leaves an "
+                                         "adapter (put MergeAdapterWeights before it)"),
     "pass-after-builder": (_set("passes/later", {"type": "MergeAdapterWeights"}), False,
-                           "passes.later: nothing can follow ModelBuilder (put ModelBuilder last)"),
+                           "passes.later: MergeAdapterWeights takes an adapter, and passes.builder leaves an ONNX "
+                           "model (nothing takes an ONNX model: put passes.builder last)"),
     "unknown-host": (_set("host", "local_sytem"), False,
                      "host: no systems entry named 'local_sytem' (did you mean 'local_system'?)"),
     "unknown-execution-provider": (
@@ -219,7 +220,10 @@ def test_owned_training_arg_is_refused(tmp_path: Path, tiny_phi3: Path):
     cfg["passes"]["lora"]["training_args"]["output_dir"] = "x"
     result = grove("validate", "--config", write_project(tmp_path, cfg))
     line = _assert_one_error_and_nothing_written(result, tmp_path, None)
-    assert "output_dir: is set by olive-grove (outputs go to engine.output_dir)" in line
+    assert (
+        line
+        == "passes.lora.training_args.output_dir: is set by olive-grove (checkpoints go to the step's cache folder)"
+    )
 
 
 # ------------------------------------------------------------------------ known bugs: wrong key paths
@@ -324,7 +328,7 @@ def test_validate_print_shows_the_normalised_config_and_notes(tmp_path: Path, ti
     assert result.rc == 0, result.err
     lines = result.out.splitlines()
     assert "note: passes.lora.training_args.evaluation_strategy is read as eval_strategy" in lines
-    assert "note: engine.search_strategy has no effect in olive-grove" in lines
+    assert "note: engine.search_strategy has no effect in olive-grove: every pass runs once, with its settings" in lines
     printed = json.loads(result.out[result.out.index("{") : result.out.rindex("}") + 1])
     assert printed["passes"]["lora"]["r"] == 4  # written as lora_r, printed by its current name
     assert printed["passes"]["lora"]["training_args"]["max_steps"] == 7
@@ -349,7 +353,7 @@ def test_infer_on_a_folder_that_is_no_model(tmp_path: Path):
     assert result.rc == 2
     assert result.errors == [
         f"error: {tmp_path}: not an ONNX model, adapter or Hugging Face model folder "
-        "(give engine.output_dir/onnx/<precision>-<ep>, merged/ or adapter/)"
+        "(give the onnx/<precision>-<ep>, merged/ or adapter/ folder of a run's outputs)"
     ]
 
 

@@ -7,6 +7,7 @@ one (a re-run, an edited data file, one more pass) are fixtures built on that ru
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,18 +103,18 @@ def test_report_json_has_rows_samples_and_losses(first_run: Run, tiny_phi3: Path
     assert report["passes"] == ["lora (LoRA)", "merge (MergeAdapterWeights)", "builder (ModelBuilder)"]
     assert [s["step"] for s in report["steps"]] == ALL_STEPS
     assert report["cached_steps"] == []
-    dataset = step(report, "lora/dataset")["metadata"]
+    dataset = step(report, "lora/dataset")["info"]
     assert dataset["rows"] == 320
     assert dataset["samples"]["train"] > 0 and dataset["samples"]["eval"] > 0
     assert dataset["tokens"] == 64 * (dataset["samples"]["train"] + dataset["samples"]["eval"])
-    lora = step(report, "lora")["metadata"]
+    lora = step(report, "lora")["info"]
     assert lora["steps"] == 3
     assert [p["step"] for p in lora["loss_curve"]] == [1, 2, 3]
     assert lora["train_loss"] > 0 and lora["eval_loss"] > 0
-    merge = step(report, "merge")["metadata"]
+    merge = step(report, "merge")["info"]
     assert merge["dtype"] == "float32"  # the adapter's training dtype
     assert merge["merged_heldout_loss"] == pytest.approx(lora["eval_loss"], rel=1e-3)
-    builder = step(report, "builder")["metadata"]
+    builder = step(report, "builder")["info"]
     assert (builder["precision"], builder["execution_provider"]) == ("int4", "cpu")
     assert report["outputs"] == {
         "adapter": str(first_run.output_dir / "adapter"),
@@ -181,7 +182,7 @@ def test_identical_rerun_comes_from_cache_and_is_fast(first_run: Run, second_run
 def test_editing_the_data_file_retrains(second_run: Run, edited_run: Run):
     report = edited_run.report
     assert report["cached_steps"] == []  # dataset, adapter and everything after them
-    assert step(report, "lora/dataset")["metadata"]["rows"] == 321
+    assert step(report, "lora/dataset")["info"]["rows"] == 321
     assert step(report, "lora")["path"] != step(second_run.report, "lora")["path"]
     assert (edited_run.output_dir / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -300,7 +301,43 @@ def test_eval_data_config_gives_the_evaluation_samples(tiny_llama: Path, tmp_pat
     first_rows = (tmp_path / "data" / "tone.json").read_text().splitlines()[:30]
     (tmp_path / "data" / "eval.json").write_text("\n".join(first_rows) + "\n")
     report = run(config).report
-    assert step(report, "lora/dataset")["metadata"]["samples"].keys() == {"train"}  # no held-out split taken
-    evaluation = step(report, "lora/eval-dataset")["metadata"]
+    assert step(report, "lora/dataset")["info"]["samples"].keys() == {"train"}  # no held-out split taken
+    evaluation = step(report, "lora/eval-dataset")["info"]
     assert evaluation["rows"] == 30
-    assert step(report, "lora")["metadata"]["eval_loss"] > 0
+    assert step(report, "lora")["info"]["eval_loss"] > 0
+
+
+def test_a_merge_after_the_cache_moved_finds_the_adapters_eval_samples(tiny_llama: Path, tmp_path: Path):
+    """Cached results name their files relative to the cache: nothing points into the old folder."""
+    lora = lora_pass(LLAMA_MODULES, eval_dataset_size=0.1)
+    run(write_project(tmp_path / "before", tiny_run_config(tiny_llama, {"lora": lora})))
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    merged = run(
+        write_project(tmp_path / "after", tiny_run_config(tiny_llama, {"lora": lora, **llama_passes("merge")}))
+    )
+    assert merged.report["cached_steps"] == ["lora/dataset", "lora"]
+    trained, merge = step(merged.report, "lora")["info"], step(merged.report, "merge")["info"]
+    assert merge["merged_heldout_loss"] == pytest.approx(trained["eval_loss"], rel=1e-3)
+    assert not (tmp_path / "before").exists()
+
+
+@pytest.mark.parametrize(
+    ("harm", "why"),
+    [
+        (lambda folder: (folder / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+        (lambda folder: (folder / "adapter_model.safetensors").write_bytes(
+            os.urandom((folder / "adapter_model.safetensors").stat().st_size)), "changed since it was cached"),
+    ],
+    ids=["deleted", "overwritten"],
+)  # fmt: skip
+def test_a_damaged_cache_entry_is_computed_again_not_published(tiny_llama: Path, tmp_path: Path, harm, why, caplog):
+    config = write_project(tmp_path, tiny_run_config(tiny_llama, llama_passes("lora")))
+    first = run(config)
+    published = (first.output_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    [cached] = [p for p in (tmp_path / "cache" / "steps" / "train_adapter").iterdir() if not p.name.endswith(".work")]
+    harm(cached)
+    again = grove("run", "--config", config)
+    assert again.rc == 0, again.err[-2000:]
+    assert read_report(config)["cached_steps"] == ["lora/dataset"]
+    assert why in caplog.text and "is damaged" in caplog.text  # the run log says why it trained again
+    assert (first.output_dir / "adapter" / "adapter_model.safetensors").read_bytes() == published

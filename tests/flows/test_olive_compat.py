@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 from grove_helpers import SHARED_CONFIGS, write_project
 
-from olive_grove.flows.config import load_run_config
-from olive_grove.flows.olive_compat import normalise
+from olive_grove.flows import olive_compat
+from olive_grove.flows.config import EngineConfig, load_run_config
 from olive_grove.tasks.errors import UserError
+
+
+def normalise(raw: dict) -> olive_compat.Normalised:
+    return olive_compat.normalise(raw, set(EngineConfig.model_fields))
+
 
 NESTED = {
     "input_model": {

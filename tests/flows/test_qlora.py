@@ -46,9 +46,9 @@ def test_qlora_merge_and_int4_onnx_generate(qlora_run: Path):
 
 def test_report_shows_4bit_settings_and_what_merging_cost(qlora_run: Path):
     report = read_report(qlora_run)
-    trained = step(report, "qlora")["metadata"]
+    trained = step(report, "qlora")["info"]
     assert trained["quantization"] == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-    merged = step(report, "merge_adapter_weights")["metadata"]
+    merged = step(report, "merge_adapter_weights")["info"]
     assert merged["adapter_heldout_loss"] == pytest.approx(trained["eval_loss"])
     assert merged["merged_heldout_loss"] > 0
     # Merging into full-precision weights changes the model a little, not a lot.

@@ -72,8 +72,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, tiny_phi3: 
     log = finish(config, tmp_path / "second.log")
     assert "resuming training from checkpoint-" in log
     report = read_report(config)
-    assert step(report, "lora")["metadata"]["resumed_from"].startswith("checkpoint-")
-    assert step(report, "lora")["metadata"]["steps"] == 60
+    assert step(report, "lora")["info"]["resumed_from"].startswith("checkpoint-")
+    assert step(report, "lora")["info"]["steps"] == 60
 
     # Given the seed, the resumed adapter matches an uninterrupted run's.
     whole = write_project(tmp_path / "whole", long_training(tiny_phi3))

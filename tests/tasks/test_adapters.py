@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from grove_helpers import LLAMA_MODULES, PHI3_MODULES
+from grove_helpers import LLAMA_MODULES, PHI3_MODULES, Recorder, dataset_artifact, model_artifact, step_files
 
 from olive_grove.tasks import speed
 from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
@@ -164,8 +164,8 @@ def test_cuda_graphs_only_where_shapes_and_layers_stay_put(phi3_on_cuda, monkeyp
     assert not graphs(settings.model_copy(update={"compile_layers": False}))
     assert not graphs(settings.model_copy(update={"training_args": {"gradient_checkpointing": True}}))
     assert not graphs(settings.model_copy(update={"training_args": {"torch_compile": True}}))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not graphs()
+    two = speed.Placement(rank=0, local_rank=0, world_size=2)
+    assert not speed.replays_cuda_graphs(settings, speed.layers_to_compile(settings, phi3_on_cuda), {2048}, False, two)
 
 
 def test_adapter_gradients_live_outside_graph_memory():
@@ -191,8 +191,6 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    from olive_grove.tasks.adapters import lora_config
-
     path: Path = request.getfixturevalue(arch)
     settings = LoRASettings(train_data_config="d", r=4, lora_dropout=0.0, target_modules=modules)
     ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -200,7 +198,7 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
     def loss_and_grads(compiled: bool):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        model = get_peft_model(base, lora_config(settings))
+        model = get_peft_model(base, settings.peft_config())
         for name, parameter in model.named_parameters():  # B starts at zero: make the adapter count
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=0.1)
@@ -229,9 +227,10 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
 def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
     """Over optimizer steps of several micro-batches each, graph replays accumulate what eager passes do."""
     import datasets
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from olive_grove.tasks.adapters import build_trainer
+    from olive_grove.tasks.adapters import make_trainer
 
     rows = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(24)]
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
@@ -245,7 +244,9 @@ def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
             training_args={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 4,
                            "learning_rate": 1e-2, "save_strategy": "no", "seed": 0},
         )  # fmt: skip
-        trainer = build_trainer(settings, base, 0, data, None, tmp_path / str(cuda_graphs), log=lambda _: None)
+        peft_model = get_peft_model(base, settings.peft_config())
+        trainer = make_trainer(settings, peft_model, 0, data, None, tmp_path / str(cuda_graphs), speed.Placement(),
+                               Recorder())  # fmt: skip
         trainer.train()
         return {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if "lora_B" in n}
 
@@ -269,28 +270,44 @@ def test_trained_adapter_is_a_peft_adapter(llama_adapter, tiny_llama: Path):
 
 
 def test_training_metrics(llama_adapter):
-    metrics = llama_adapter["metrics"]
-    assert metrics["steps"] == 2
-    assert [p["step"] for p in metrics["loss_curve"]] == [1, 2]
-    assert all(p["loss"] > 0 for p in metrics["loss_curve"])
-    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0
+    info = llama_adapter["info"]
+    assert info.steps == 2
+    assert [p.step for p in info.loss_curve] == [1, 2]
+    assert all(p.loss > 0 for p in info.loss_curve)
+    assert info.train_loss > 0 and info.eval_loss > 0
     # r * (in + out) per adapted layer: q_proj and v_proj are 64 -> 64, in each of 2 layers.
-    assert metrics["trainable_params"] == 4 * (64 + 64) * 2 * 2
-    assert metrics["resumed_from"] is None
-    assert llama_adapter["progress"] == [(1, 2), (2, 2)]
+    assert info.trainable_params == 4 * (64 + 64) * 2 * 2
+    assert info.resumed_from is None
+    updates = llama_adapter["report"].updates
+    assert [(u.step, u.total) for u in updates] == [(1, 2), (2, 2)]
+    assert updates[-1].loss == info.loss_curve[-1].loss and updates[-1].seconds_left == 0
     assert sorted(p.name for p in llama_adapter["checkpoints"].iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_logged_losses_name_the_step_they_were_measured_at(llama_adapter):
+    """The run log and the report's loss curve agree on which step had which loss."""
+    info, lines = llama_adapter["info"], llama_adapter["report"].lines
+    for point in info.loss_curve:
+        assert any(line.startswith(f"step {point.step}/2, loss {point.loss:.4f}") for line in lines), lines
+
+
+def test_the_adapter_keeps_its_eval_samples_for_the_merge(llama_adapter, llama_dataset):
+    import datasets
+
+    info, adapter = llama_adapter["info"], llama_adapter["adapter"]
+    kept = datasets.load_from_disk(str(adapter / info.eval_samples))
+    assert kept["input_ids"] == datasets.load_from_disk(str(llama_dataset / "eval"))["input_ids"]
+
+
 def test_training_resumes_from_the_newest_checkpoint(llama_adapter, llama_dataset, tiny_llama: Path, tmp_path):
-    checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(llama_adapter["checkpoints"], checkpoints)
+    files = step_files(tmp_path)
+    shutil.copytree(llama_adapter["checkpoints"], files.work / "checkpoints")
     settings = llama_adapter["settings"]
     longer = settings.model_copy(update={"training_args": {**settings.training_args, "max_steps": 3}})
-    logged: list[str] = []
-    metrics = train_adapter(
-        longer, str(tiny_llama), llama_dataset, checkpoints, tmp_path / "adapter", log=logged.append
-    )
-    assert "resuming training from checkpoint-2" in logged
-    assert metrics["resumed_from"] == "checkpoint-2"
-    assert metrics["steps"] == 3
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    report = Recorder()
+    info = train_adapter(longer, files, report, model=model_artifact(tiny_llama),
+                         dataset=dataset_artifact(llama_dataset))  # fmt: skip
+    assert "resuming training from checkpoint-2" in report.lines
+    assert info.resumed_from == "checkpoint-2"
+    assert info.steps == 3
+    assert (files.out / "adapter_model.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""Content-addressed step results: keys, whole-or-nothing folders, published copies, memoised hashes, locks."""
+"""Content-addressed step results: keys, whole-or-nothing folders, manifests, published copies, memoised hashes,
+locks."""
 
 from __future__ import annotations
 
@@ -12,31 +13,38 @@ from pathlib import Path
 import pytest
 
 from olive_grove.tasks.adapters import LoRASettings
-from olive_grove.tasks.artifact import Artifact, hash_files
+from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.caching import (
+    HASHED_ON_EVERY_HIT,
+    MANIFEST,
     LiveHolderLockManager,
     StepContext,
     StepFolder,
+    damage,
     library_versions,
     list_cache,
-    publish_copy,
     remove_entry,
     step_key,
 )
+from olive_grove.tasks.files import hash_files, publish_copy
+from olive_grove.tasks.models import ModelInfo
 
 
 def _artifact(fingerprint: str, path: str = "/somewhere") -> Artifact:
-    return Artifact(kind="model", path=path, fingerprint=fingerprint)
+    return Artifact(path=path, fingerprint=fingerprint, info=ModelInfo(source="local", name=path))
+
+
+def _ctx(cache_dir: str = "/cache/a", **extra) -> StepContext:
+    return StepContext(cache_dir=cache_dir, downloads="/downloads", **extra)
 
 
 def _key(**overrides) -> str:
     inputs = {
         "settings": LoRASettings(train_data_config="d", r=4),
-        "model": _artifact("m1"),
-        "trust_remote_code": False,
-        "ctx": StepContext(cache_dir="/cache/a"),
-        **overrides,
+        "inputs": {"model": _artifact("m1"), "eval_dataset": None},
+        "ctx": _ctx(),
     }
+    inputs.update(overrides)
     return step_key("train_adapter", "1", inputs)
 
 
@@ -47,16 +55,17 @@ def test_step_key_is_stable_and_named_by_step():
 
 def test_step_key_follows_settings_inputs_and_code():
     assert _key(settings=LoRASettings(train_data_config="d", r=8)) != _key()
-    assert _key(model=_artifact("m2")) != _key()
-    assert _key(trust_remote_code=True) != _key()
+    assert _key(inputs={"model": _artifact("m2"), "eval_dataset": None}) != _key()
+    assert _key(inputs={"model": _artifact("m1"), "eval_dataset": _artifact("d1")}) != _key()
     assert step_key("train_adapter", "2", {"model": _artifact("m1")}) != step_key(
         "train_adapter", "1", {"model": _artifact("m1")}
     )
 
 
 def test_step_key_ignores_where_things_are():
-    assert _key(ctx=StepContext(cache_dir="/elsewhere", retries=3)) == _key()
-    assert _key(model=_artifact("m1", path="/moved")) == _key()  # an artifact counts by its fingerprint
+    assert _key(ctx=_ctx("/elsewhere", retries=3)) == _key()
+    moved = {"model": _artifact("m1", path="/moved"), "eval_dataset": None}
+    assert _key(inputs=moved) == _key()  # an artifact counts by its fingerprint
 
 
 def test_library_versions_are_recorded():
@@ -69,7 +78,7 @@ def test_library_versions_are_recorded():
 
 
 def test_step_folder_publishes_whole_folders(tmp_path: Path):
-    folder = StepContext(cache_dir=str(tmp_path)).folder("merge_adapter", "merge_adapter-k")
+    folder = _ctx(str(tmp_path)).folder("merge_adapter", "merge_adapter-k")
     assert folder.final == tmp_path / "steps" / "merge_adapter" / "merge_adapter-k"
     folder.work.mkdir(parents=True)
     (folder.work / "checkpoint").write_text("scratch")
@@ -80,6 +89,53 @@ def test_step_folder_publishes_whole_folders(tmp_path: Path):
     assert folder.publish(staged) == folder.final
     assert (folder.final / "model.safetensors").read_text() == "weights"
     assert not staged.exists() and not folder.work.exists()  # scratch goes once the result is in place
+    manifest = json.loads((folder.final / MANIFEST).read_text())["files"]
+    assert list(manifest) == ["model.safetensors"] and manifest["model.safetensors"]["size"] == 7
+
+
+def _published(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    folder = StepFolder(tmp_path / "steps" / "s" / "s-k")
+    staged = folder.staging()
+    for name, data in files.items():
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        (staged / name).write_bytes(data)
+    return folder.publish(staged)
+
+
+def test_a_whole_entry_has_no_damage(tmp_path: Path):
+    final = _published(tmp_path, {"adapter_model.safetensors": b"w" * 100, "sub/tokenizer.json": b"{}"})
+    assert damage(final) is None and damage(final, thorough=True) is None
+
+
+@pytest.mark.parametrize(
+    ("harm", "problem"),
+    [
+        (lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(b"w" * 50), "has 50 bytes, not 100"),
+        (lambda f: (f / "adapter_model.safetensors").write_bytes(os.urandom(100)), "changed since it was cached"),
+        (lambda f: (f / MANIFEST).unlink(), "it has no readable manifest"),
+        (lambda f: __import__("shutil").rmtree(f), "its files are missing"),
+    ],
+    ids=["deleted", "truncated", "overwritten", "no-manifest", "folder-gone"],
+)
+def test_a_damaged_entry_says_what_is_wrong(tmp_path: Path, harm, problem: str):
+    final = _published(tmp_path, {"adapter_model.safetensors": b"w" * 100})
+    harm(final)
+    assert problem in (damage(final) or "")
+
+
+def test_big_files_are_hashed_when_their_mtime_moved(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("olive_grove.tasks.caching.HASHED_ON_EVERY_HIT", 10)
+    final = _published(tmp_path, {"model.safetensors": b"a" * 100})
+    path = final / "model.safetensors"
+    stat = path.stat()
+    path.write_bytes(b"b" * 100)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: not hashed on a hit
+    assert damage(final) is None
+    assert "changed since it was cached" in damage(final, thorough=True)  # grove cache verify hashes all
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert "changed since it was cached" in damage(final)
+    assert HASHED_ON_EVERY_HIT > 1 << 20
 
 
 def test_a_concurrent_twin_keeps_the_first_result(tmp_path: Path):
@@ -187,10 +243,3 @@ def test_a_live_holders_lock_is_held(tmp_path: Path):
     assert not other.acquire_lock("k", holder="other-run", acquire_timeout=0.5)
     mine.release_lock("k", holder="this-run")
     assert not other.is_locked("k")
-
-
-@pytest.mark.parametrize("step", ["prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model"])
-def test_every_cached_step_has_a_code_version(step: str):
-    from olive_grove.tasks.steps import CODE_VERSIONS
-
-    assert CODE_VERSIONS[step]

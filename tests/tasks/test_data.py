@@ -7,11 +7,13 @@ from pathlib import Path
 
 import datasets
 import pytest
-from grove_helpers import TONE_DATASET, TONE_TEMPLATE, tone_rows
+from grove_helpers import TONE_DATASET, TONE_TEMPLATE, Recorder, model_artifact, step_files, tone_rows
 
 from olive_grove.tasks.data import (
     IGNORE_INDEX,
     DataConfig,
+    DatasetInfo,
+    DatasetSettings,
     TextSettings,
     fingerprint_data,
     prepare_dataset,
@@ -35,6 +37,11 @@ QA_ROWS = [
 @pytest.fixture(scope="module")
 def tokenizer(tiny_phi3: Path):
     return load_tokenizer(str(tiny_phi3))
+
+
+def _prepare(config: DataConfig, model: Path, out: Path, eval_dataset_size=None, seed=42) -> DatasetInfo:
+    settings = DatasetSettings(data=config, files_fingerprint="", eval_dataset_size=eval_dataset_size, seed=seed)
+    return prepare_dataset(settings, step_files(out, out), Recorder(), model=model_artifact(model))
 
 
 def _config(files, data_name: str = "json", load: dict | None = None, **text) -> DataConfig:
@@ -185,20 +192,19 @@ def test_padding_without_attention_mask_is_refused():
 
 
 def test_prepared_dataset_counts_and_columns(tmp_path: Path, tiny_phi3: Path):
-    stats = prepare_dataset(_tone_config(use_attention_mask=False), "data_configs[0]", str(tiny_phi3), None, 42,
-                            tmp_path)  # fmt: skip
-    assert stats["rows"] == 320
-    assert stats["strategy"] == "join" and stats["max_seq_len"] == 64
+    stats = _prepare(_tone_config(use_attention_mask=False), tiny_phi3, tmp_path, None, 42)
+    assert stats.rows == 320
+    assert stats.strategy == "join" and stats.max_seq_len == 64
     train = datasets.load_from_disk(str(tmp_path / "train"))
-    assert stats["samples"] == {"train": len(train)}
+    assert stats.samples == {"train": len(train)}
     assert train.column_names == ["input_ids", "labels"]
-    assert stats["tokens"] == 64 * len(train)
+    assert stats.tokens == 64 * len(train)
     assert not (tmp_path / "eval").exists()
 
 
 def test_seeded_eval_split_is_reproducible(tmp_path: Path, tiny_phi3: Path):
     def split(seed: int, name: str):
-        stats = prepare_dataset(_tone_config(), "d", str(tiny_phi3), 0.1, seed, tmp_path / name)
+        stats = _prepare(_tone_config(), tiny_phi3, tmp_path / name, 0.1, seed)
         return stats, datasets.load_from_disk(str(tmp_path / name / "eval"))["input_ids"]
 
     stats, first = split(42, "a")
@@ -206,8 +212,8 @@ def test_seeded_eval_split_is_reproducible(tmp_path: Path, tiny_phi3: Path):
     _, other = split(7, "c")
     assert first == again
     assert first != other
-    assert stats["samples"]["eval"] == len(first) > 0
-    assert stats["samples"]["train"] + stats["samples"]["eval"] == len(
+    assert stats.samples["eval"] == len(first) > 0
+    assert stats.samples["train"] + stats.samples["eval"] == len(
         datasets.load_from_disk(str(tmp_path / "a" / "train"))
     ) + len(first)
 
@@ -216,8 +222,8 @@ def test_eval_dataset_size_as_a_count(tmp_path: Path, tiny_phi3: Path):
     from olive_grove.tasks.adapters import LoRASettings
 
     size = LoRASettings.model_validate({"train_data_config": "d", "eval_dataset_size": 3}).eval_dataset_size
-    stats = prepare_dataset(_tone_config(), "d", str(tiny_phi3), size, 42, tmp_path)
-    assert stats["samples"]["eval"] == 3
+    stats = _prepare(_tone_config(), tiny_phi3, tmp_path, size, 42)
+    assert stats.samples["eval"] == 3
 
 
 def _write_qa(path: Path, fmt: str) -> Path:
@@ -245,8 +251,8 @@ def test_csv_parquet_and_jsonl_load_through_datasets(fmt: str, data_name: str, t
         max_seq_len=64,
         pad_to_max_len=False,
     )
-    stats = prepare_dataset(config, "data_configs[0]", str(tiny_phi3), None, 42, tmp_path / "out")
-    assert stats["rows"] == stats["samples"]["train"] == len(QA_ROWS)
+    stats = _prepare(config, tiny_phi3, tmp_path / "out", None, 42)
+    assert stats.rows == stats.samples["train"] == len(QA_ROWS)
     tokenizer = load_tokenizer(str(tiny_phi3))
     first = tokenizer.decode(datasets.load_from_disk(str(tmp_path / "out" / "train"))["input_ids"][0])
     assert "What is the capital of France?" in first and "Paris" in first and "<|assistant|>" in first
@@ -255,10 +261,9 @@ def test_csv_parquet_and_jsonl_load_through_datasets(fmt: str, data_name: str, t
 def test_a_column_missing_from_the_data(tmp_path: Path, tiny_phi3: Path):
     config = _tone_config(text_cols=["phrase", "tones"], text_template="{phrase} {tones}")
     with pytest.raises(UserError) as exc:
-        prepare_dataset(config, "data_configs[0]", str(tiny_phi3), None, 42, tmp_path)
+        _prepare(config, tiny_phi3, tmp_path, None, 42)
     assert exc.value.line() == (
-        "data_configs[0].pre_process_data_config.text_cols: column 'tones' is not in the dataset "
-        "(columns: phrase, tone)"
+        "data.pre_process_data_config.text_cols: column 'tones' is not in the dataset (columns: phrase, tone)"
     )
 
 
@@ -267,16 +272,16 @@ def test_too_little_data_for_one_block_names_max_seq_len(tmp_path: Path, tiny_ph
     rows.write_text("".join(json.dumps(r) + "\n" for r in tone_rows()[:2]))
     config = _config(str(rows), text_cols=["phrase", "tone"], max_seq_len=512)
     with pytest.raises(UserError) as exc:
-        prepare_dataset(config, "data_configs[0]", str(tiny_phi3), None, 42, tmp_path / "out")
-    assert exc.value.where == "data_configs[0].pre_process_data_config.max_seq_len"
+        _prepare(config, tiny_phi3, tmp_path / "out", None, 42)
+    assert exc.value.where == "data.pre_process_data_config.max_seq_len"
     assert "the dataset gives no sample: 2 rows hold" in exc.value.problem
 
 
 def test_missing_split_file_is_named(tmp_path: Path, tiny_phi3: Path):
     config = _config({"train": str(tmp_path / "gone.json")}, text_cols=["phrase"])
     with pytest.raises(UserError) as exc:
-        prepare_dataset(config, "data_configs[0]", str(tiny_phi3), None, 42, tmp_path / "out")
-    assert exc.value.where == "data_configs[0].load_dataset_config.data_files.train"
+        _prepare(config, tiny_phi3, tmp_path / "out", None, 42)
+    assert exc.value.where == "data.load_dataset_config.data_files.train"
     assert exc.value.problem == f"no file at {tmp_path / 'gone.json'}"
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grove_helpers import LLAMA_MODULES, TRAINING_ARGS
+from grove_helpers import LLAMA_MODULES, TRAINING_ARGS, Recorder, dataset_artifact, model_artifact, step_files
 from safetensors.torch import load_file
 
 from olive_grove.tasks import data_parallel
-from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.adapters import LoRASettings, train_adapter
 
 
 def settings(processes: int | str, **args) -> LoRASettings:
@@ -40,28 +40,20 @@ def test_process_count_splits_the_effective_batch_evenly(monkeypatch):
 
 
 def test_two_processes_train_the_same_adapter_as_one(tiny_llama: Path, llama_dataset: Path, tmp_path: Path):
-    progress: list[tuple[int, int]] = []
-    logged: list[str] = []
+    report = Recorder()
     results = {}
     for processes in (1, 2):
-        out = tmp_path / f"adapter-{processes}"
-        metrics = data_parallel.train(
-            settings(processes),
-            str(tiny_llama),
-            llama_dataset,
-            tmp_path / f"checkpoints-{processes}",
-            out,
-            on_progress=lambda step, total, loss: progress.append((step, total)),
-            log=logged.append,
-            eval_dir=llama_dataset / "eval",
-        )
-        results[processes] = (metrics, load_file(out / "adapter_model.safetensors"))
+        files = step_files(tmp_path / str(processes))
+        info = train_adapter(settings(processes), files, report, model=model_artifact(tiny_llama),
+                             dataset=dataset_artifact(llama_dataset))  # fmt: skip
+        results[processes] = (info, load_file(files.out / "adapter_model.safetensors"))
     (one, weights_one), (two, weights_two) = results[1], results[2]
-    assert two["processes"] == 2 and one["processes"] == 1
-    assert two["steps"] == one["steps"] == 3
-    assert two["micro_batch"] == [2, 1]  # each process takes half of every 4-sample batch
-    assert progress[-1] == (3, 3)  # process 0's progress reached the launching step
-    assert any(line.startswith("data parallel: 2 processes") for line in logged)
-    assert abs(two["eval_loss"] - one["eval_loss"]) < 1e-3
+    assert two.processes == 2 and one.processes == 1
+    assert two.steps == one.steps == 3
+    assert two.micro_batch == [2, 1]  # each process takes half of every 4-sample batch
+    assert (report.updates[-1].step, report.updates[-1].total) == (3, 3)  # process 0's progress reached the step
+    assert any(line.startswith("data parallel: 2 processes") for line in report.lines)
+    assert abs(two.eval_loss - one.eval_loss) < 1e-3
+    assert (files.out / ".olive-grove-eval").is_dir()  # process 0 keeps the eval samples, as one process does
     for name, tensor in weights_one.items():
         assert (weights_two[name] - tensor).abs().max() < 1e-4, name

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from grove_helpers import Recorder, model_artifact, step_files
 
 from olive_grove.tasks.inference import generate, model_kind
 from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
@@ -40,23 +41,21 @@ def test_settings_are_olive_names():
     assert ModelBuilderSettings().precision == "int4"
 
 
+def build(settings: ModelBuilderSettings, model: Path, root: Path):
+    files = step_files(root, root / "out")
+    return files.out, build_onnx_model(settings, files, Recorder(), model=model_artifact(model))
+
+
 def test_fp32_llama_builds_and_generates(tiny_llama: Path, tmp_path: Path):
-    out = tmp_path / "fp32-cpu"
-    out.mkdir()
-    stats = build_onnx_model(
-        ModelBuilderSettings(precision="fp32", search={"max_length": 96}), str(tiny_llama), "cpu", out, tmp_path / "w"
-    )
+    out, stats = build(ModelBuilderSettings(precision="fp32", search={"max_length": 96}), tiny_llama, tmp_path)
     assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    assert stats == {
-        "precision": "fp32",
-        "execution_provider": "cpu",
-        "size_bytes": sum(p.stat().st_size for p in out.iterdir()),
-    }
+    assert (stats.precision, stats.execution_provider) == ("fp32", "cpu")
+    assert stats.size_bytes == sum(p.stat().st_size for p in out.iterdir())
     genai = json.loads((out / "genai_config.json").read_text())
     assert genai["search"]["max_length"] == 96
     assert genai["model"]["type"] == "llama"
     assert _matmul_nbits(out) == []  # not quantized
-    assert (tmp_path / "w" / "builder.log").is_file()  # the builder's chatter, kept out of the terminal
+    assert (tmp_path / "work" / "builder.log").is_file()  # the builder's chatter, kept out of the terminal
 
     assert model_kind(out) == "onnx"
     [text] = generate(out, ["### Text: I miss him.\n### The tone is:\n"], max_new_tokens=4)
@@ -64,10 +63,8 @@ def test_fp32_llama_builds_and_generates(tiny_llama: Path, tmp_path: Path):
 
 
 def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, tmp_path: Path):
-    out = tmp_path / "int4-cpu"
-    out.mkdir()
     settings = ModelBuilderSettings(precision="int4", int4_block_size=32, int4_accuracy_level=1)
-    build_onnx_model(settings, str(tiny_phi3), "cpu", out, tmp_path / "w")
+    out, _ = build(settings, tiny_phi3, tmp_path)
     nodes = _matmul_nbits(out)
     assert nodes, "int4 has MatMulNBits nodes"
     assert {n["block_size"] for n in nodes} == {32}
@@ -76,9 +73,7 @@ def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, t
 
 
 def test_metadata_only_writes_config_without_weights(tiny_phi3: Path, tmp_path: Path):
-    out = tmp_path / "meta"
-    out.mkdir()
-    build_onnx_model(ModelBuilderSettings(metadata_only=True), str(tiny_phi3), "cpu", out, tmp_path / "w")
+    out, _ = build(ModelBuilderSettings(metadata_only=True), tiny_phi3, tmp_path)
     names = {p.name for p in out.iterdir()}
     assert "genai_config.json" in names and "tokenizer.json" in names
     assert "model.onnx" not in names

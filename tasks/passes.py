@@ -1,0 +1,70 @@
+"""The pass types, in one table: what each is configured with, what does its work, what may come before it,
+and what it leaves. The config's pass union, its order checks, the checks before work and the flow's
+dispatch all read this table; adding a pass type is one entry here plus its module.
+
+Every step function has one shape: `run(settings, files, report, **inputs) -> Info`, where the inputs are
+the Artifacts it works from (`model`, `adapter`, and the dataset steps its settings ask for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, train_adapter
+from olive_grove.tasks.artifact import PassSettings, StepInfo
+from olive_grove.tasks.data import prepare_dataset
+from olive_grove.tasks.merge import MergeSettings, merge_adapter
+from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model
+
+# What a pass leaves for the next one: a Hugging Face model, an unmerged adapter, an ONNX model.
+Output = Literal["model", "adapter", "onnx"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A cached step: the plain function that does the work, and the version of what it produces.
+
+    Bump `version` when a change to the function changes its output: older cache entries then miss.
+    """
+
+    run: Callable[..., StepInfo]
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.run.__name__
+
+
+@dataclass(frozen=True)
+class PassType:
+    settings: type[PassSettings]
+    step: Step
+    takes: tuple[Output, ...]  # the step inputs it is given from the passes before it
+    after: frozenset[Output]  # what the pass before it may have left
+    gives: Output
+    output: Callable[[Any], str]  # its folder in engine.output_dir
+
+    @property
+    def name(self) -> str:
+        return self.settings.model_fields["type"].default
+
+
+PREPARE_DATASET = Step(prepare_dataset, version="3")
+TRAIN_ADAPTER = Step(train_adapter, version="9")
+MERGE_ADAPTER = Step(merge_adapter, version="4")
+BUILD_ONNX_MODEL = Step(build_onnx_model, version="2")
+
+_TRAINING = {"step": TRAIN_ADAPTER, "takes": ("model",), "after": frozenset({"model"}), "gives": "adapter"}
+PASS_TYPES: dict[str, PassType] = {
+    entry.name: entry
+    for entry in (
+        PassType(LoRASettings, **_TRAINING, output=lambda _: "adapter"),
+        PassType(QLoRASettings, **_TRAINING, output=lambda _: "adapter"),
+        PassType(MergeSettings, MERGE_ADAPTER, takes=("model", "adapter"), after=frozenset({"adapter"}),
+                 gives="model", output=lambda _: "merged"),
+        PassType(ModelBuilderSettings, BUILD_ONNX_MODEL, takes=("model",), after=frozenset({"model"}), gives="onnx",
+                 output=lambda s: f"onnx/{s.precision}-{s.execution_provider}"),
+    )
+}  # fmt: skip
