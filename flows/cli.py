@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from olive_grove.tasks.errors import NoCredentials, UserError, UserErrors
 from olive_grove.tasks.storage import is_url
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted: run it again to go on (finished steps come from the cache, training from its last "
+              "checkpoint)", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
     except UserError as exc:
         for error in exc.errors if isinstance(exc, UserErrors) else [exc]:
             print(f"error: {_with_block_hint(error).line()}", file=sys.stderr)
@@ -71,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     prompts = sub.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts-file", type=Path, help="one prompt per line, plain or a JSON string")
-    sub.add_argument("--max-new-tokens", type=int, default=32)
+    sub.add_argument("--max-new-tokens", type=_positive, default=32)
     sub.add_argument("--base", help="base model of an adapter, if its adapter_config.json names none")
 
     sub = command("init", cmd_init, "lay out a project like Olive's E2E sample, with a config in it")
@@ -127,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _days(text: str) -> float:
     try:
         return float(text)
@@ -134,25 +146,35 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
 
 
-def checked_config(args: argparse.Namespace):
-    """The run options from `--set`, and the config they give, checked before any work."""
+def checked_config(args: argparse.Namespace, unchecked: list[UserError] | None = None):
+    """The run options from `--set`, and the config they give, checked before any work (see
+    check_before_work for `unchecked`)."""
     from olive_grove.flows.finetune import RunOptions, credentials_for, step_context
     from olive_grove.flows.preflight import check_before_work
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
-    with credentials_for(cfg, lambda *_: None):  # the flow logs where its credentials came from, to its run log
-        check_before_work(cfg, step_context(cfg))
+    # Blocks live behind a Prefect API: validating starts none, so it reads them only from a server.
+    blocks = unchecked is None or bool(os.environ.get("PREFECT_API_URL"))
+    if not blocks and cfg.uses_azure_storage():
+        notes.append("credentials in Prefect blocks are read by grove run (grove validate: with PREFECT_API_URL)")
+    with credentials_for(cfg, lambda *_: None) if blocks else contextlib.nullcontext():
+        check_before_work(cfg, step_context(cfg), unchecked)
     return options, cfg, notes
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    _, cfg, notes = checked_config(args)
+    unchecked: list[UserError] = []
+    _, cfg, notes = checked_config(args, unchecked)
     for note in notes:
         print(f"note: {note}")
+    for error in unchecked:  # not a mistake in the config; a run stops on it until it can be reached
+        print(f"warning: not checked here: {_with_block_hint(error).line()}", file=sys.stderr)
     if args.print:
         print(json.dumps(cfg.model_dump(mode="json", exclude_none=True), indent=2))
-    print(f"{args.config}: valid ({', '.join(f'{n} ({s.type})' for n, s in cfg.passes.items())})")
+    passes = ", ".join(f"{n} ({s.type})" for n, s in cfg.passes.items())
+    left = f"; {len(unchecked)} not checked here (see the warnings)" if unchecked else ""
+    print(f"{args.config}: valid ({passes}){left}")
     return 0
 
 
@@ -210,13 +232,23 @@ def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
 def _cache_entries(args: argparse.Namespace):
     from olive_grove.tasks.caching import list_cache
 
+    cfg = None
+    if args.config:
+        from olive_grove.flows.config import load_run_config
+
+        cfg, _ = load_run_config(args.config)
+    folder = _cache_folder(args, cfg)
+    if not (folder / "steps").is_dir():
+        raise UserError(str(folder), "is not a step cache (it has no steps/ folder)", "has the config run here yet?")
+    return list_cache(folder), cfg
+
+
+def _cache_folder(args: argparse.Namespace, cfg) -> Path:
     if args.cache_dir:
-        return list_cache(args.cache_dir), None
-    from olive_grove.flows.config import load_run_config
+        return args.cache_dir
     from olive_grove.flows.finetune import step_context
 
-    cfg, _ = load_run_config(args.config)
-    return list_cache(Path(step_context(cfg).cache_dir)), cfg  # a shared cache: this machine's copy of it
+    return Path(step_context(cfg).cache_dir)  # a shared cache: this machine's copy of it
 
 
 def cmd_cache_ls(args: argparse.Namespace) -> int:
@@ -245,9 +277,10 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    from olive_grove.tasks.caching import remove_entry
+    from olive_grove.tasks.caching import leftovers, remove_entry, remove_folder
 
     entries, cfg = _cache_entries(args)
+    entries_dir = _cache_folder(args, cfg)
     if args.only_config:
         if cfg is None:
             raise UserError("--only-config", "needs --config")
@@ -262,10 +295,16 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         entries = [e for e in entries if time.time() - e.modified > args.older_than * 86400]
     elif not args.only_config:
         raise UserError("cache prune", "says nothing to prune", "give --older-than DAYS or --config F --only-config")
+    verb = "would remove" if args.dry_run else "removed"
     for entry in entries:
-        print(f"{'would remove' if args.dry_run else 'removed'} {entry.step}/{entry.key} ({_size(entry.size_bytes)})")
+        print(f"{verb} {entry.step}/{entry.key} ({_size(entry.size_bytes)})")
         if not args.dry_run:
             remove_entry(entry)
+    left = [p for p in leftovers(Path(entries_dir)) if time.time() - p.stat().st_mtime > (args.older_than or 0) * 86400]
+    for path in left if args.older_than is not None else []:
+        print(f"{verb} {path.relative_to(entries_dir)} (left by a run that failed or was stopped)")
+        if not args.dry_run:
+            remove_folder(path)
     print(f"{len(entries)} entries, {_size(sum(e.size_bytes for e in entries))}")
     return 0
 

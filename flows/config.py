@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlparse
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
+from olive_grove.flows.config_file import apply_overrides, read_config_file
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
+from olive_grove.tasks.artifact import Settings
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
-from olive_grove.tasks.errors import UserError, UserErrors, nearest
+from olive_grove.tasks.errors import UserError, UserErrors, nearest, shown
 from olive_grove.tasks.models import ModelSource
 from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
-from olive_grove.tasks.passes import PASS_TYPES, TRAIN_ADAPTER, Output
+from olive_grove.tasks.passes import PASS_TYPES, Output
 
 AnyPass = Annotated[Union[tuple(t.settings for t in PASS_TYPES.values())], Field(discriminator="type")]  # noqa: UP007
 AZURE_PROTOCOLS = {"az", "abfs", "abfss"}
@@ -24,22 +24,18 @@ DESCRIBED: dict[Output, str] = {"model": "a model", "adapter": "an adapter", "on
 
 
 def no_effect(why: str = "") -> Any:
-    """A key Olive has that changes nothing here: accepted, and named once in the log (with `why`)."""
+    """A key Olive has that changes nothing here: accepted whatever its value, and named once in the log."""
     return Field(None, json_schema_extra={"no_effect": why})
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoadKwargs(_Strict):
+class LoadKwargs(Settings):
     trust_remote_code: bool = False
     revision: str | None = None
-    attn_implementation: str | None = no_effect("transformers picks the attention implementation")
-    torch_dtype: str | None = no_effect("each pass sets the dtype it loads the model in")
+    attn_implementation: Any = no_effect("transformers picks the attention implementation")
+    torch_dtype: Any = no_effect("each pass sets the dtype it loads the model in")
 
 
-class RegistryModel(_Strict):
+class RegistryModel(Settings):
     """An Azure ML registry model (`azureml_registry_model`)."""
 
     type: Literal["azureml_registry_model"]
@@ -48,13 +44,13 @@ class RegistryModel(_Strict):
     version: str | int
 
 
-class InputModel(_Strict):
+class InputModel(Settings):
     type: Literal["HfModel"] = "HfModel"
     model_path: str | dict[str, Any] = Field(description="a local model folder, a hub id, or a registry model")
-    task: str | None = no_effect("olive-grove fine-tunes text generation")
+    task: Any = no_effect("olive-grove fine-tunes text generation")
     load_kwargs: LoadKwargs = Field(default_factory=LoadKwargs)
     adapter_path: str | None = Field(None, description="a trained PEFT adapter to merge or build from")
-    model_file_format: str | None = no_effect()
+    model_file_format: Any = no_effect()
 
     @model_validator(mode="after")
     def _registry(self) -> InputModel:
@@ -86,7 +82,7 @@ class InputModel(_Strict):
         )
 
 
-class Accelerator(_Strict):
+class Accelerator(Settings):
     device: Literal["cpu", "gpu", "npu"] = "cpu"
     execution_providers: list[str] | None = None
 
@@ -94,28 +90,28 @@ class Accelerator(_Strict):
 POOL_DECIDES = "the work pool's job template decides where and how the flow runs"
 
 
-class SystemConfig(_Strict):
+class SystemConfig(Settings):
     """An Olive system; here it names the Prefect work pool that runs the flow."""
 
     type: Literal["LocalSystem", "AzureML", "Docker", "PythonEnvironment", "IsolatedORT"]
     accelerators: list[Accelerator | Literal["cpu", "gpu", "npu"]] = Field(default_factory=list)
     work_pool: str | None = Field(None, description="the Prefect work pool; default: by system type")
     hf_token: bool = Field(False, description="hand the Secret block 'hf-token' to the hub client")
-    aml_compute: str | None = no_effect(POOL_DECIDES)
-    aml_docker_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
-    aml_environment_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
-    is_dev: bool | None = no_effect()
-    instance_count: int | None = no_effect(POOL_DECIDES)
-    image_name: str | None = no_effect(POOL_DECIDES)
-    local_docker_config: dict[str, Any] | None = no_effect(POOL_DECIDES)
-    python_environment_path: str | None = no_effect(POOL_DECIDES)
+    aml_compute: Any = no_effect(POOL_DECIDES)
+    aml_docker_config: Any = no_effect(POOL_DECIDES)
+    aml_environment_config: Any = no_effect(POOL_DECIDES)
+    is_dev: Any = no_effect()
+    instance_count: Any = no_effect(POOL_DECIDES)
+    image_name: Any = no_effect(POOL_DECIDES)
+    local_docker_config: Any = no_effect(POOL_DECIDES)
+    python_environment_path: Any = no_effect(POOL_DECIDES)
 
 
-class AzureMLClient(_Strict):
+class AzureMLClient(Settings):
     subscription_id: str | None = None
     resource_group: str | None = None
     workspace_name: str | None = None
-    keyvault_name: str | None = no_effect("secrets live in Prefect blocks")
+    keyvault_name: Any = no_effect("secrets live in Prefect blocks")
     aml_config_path: str | None = None
     read_timeout: int | None = None
     max_operation_retries: int | None = None
@@ -123,35 +119,35 @@ class AzureMLClient(_Strict):
     default_auth_params: dict[str, Any] | None = None
 
 
-class EngineConfig(_Strict):
+class EngineConfig(Settings):
     host: str | None = Field(None, description="the systems entry the flow runs on")
     target: str | None = Field(None, description="the systems entry the model is built for")
-    cache_dir: str = Field(".olive-cache", description="where step results are kept")
-    output_dir: str = Field("outputs", description="where finished outputs are published")
+    cache_dir: str = Field(".olive-cache", min_length=1, description="where step results are kept")
+    output_dir: str = Field("outputs", min_length=1, description="where finished outputs are published")
     retries: int = Field(0, ge=0, description="olive-grove: retries of a step that failed for a passing reason")
     retry_delay_seconds: float = Field(30, ge=0, description="olive-grove: wait before each retry")
     execution_providers: list[str] | None = None
     log_severity_level: int = Field(1, ge=0, le=4, description="the run log's level: 0 debug, 1 info … 4 fatal")
     search_strategy: Any = no_effect("every pass runs once, with its settings")
-    evaluate_input_model: bool | None = no_effect()
-    clean_cache: bool | None = no_effect("grove cache prune removes cached steps")
-    clean_evaluation_cache: bool | None = no_effect()
+    evaluate_input_model: Any = no_effect()
+    clean_cache: Any = no_effect("grove cache prune removes cached steps")
+    clean_evaluation_cache: Any = no_effect()
     packaging_config: Any = no_effect()
-    output_name: str | None = no_effect()
-    plot_pareto_frontier: bool | None = no_effect()
-    no_artifacts: bool | None = no_effect()
+    output_name: Any = no_effect()
+    plot_pareto_frontier: Any = no_effect()
+    no_artifacts: Any = no_effect()
     evaluator: Any = no_effect()
-    ort_log_severity_level: int | None = no_effect()
+    ort_log_severity_level: Any = no_effect()
 
 
-class RunConfig(_Strict):
+class RunConfig(Settings):
     """One fine-tuning run: the base model, data, passes in order, and where things go."""
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     input_model: InputModel
     data_configs: list[DataConfig] = Field(default_factory=list)
-    passes: dict[str, AnyPass]
+    passes: dict[str, AnyPass] = Field(min_length=1, description="the passes to run, in order")
     systems: dict[str, SystemConfig] = Field(default_factory=dict)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     azureml_client: AzureMLClient | None = None
@@ -207,73 +203,17 @@ def check_pass_order(cfg: RunConfig) -> None:
     for name, settings in cfg.passes.items():
         entry = PASS_TYPES[settings.type]
         if previous not in entry.after:
-            needs = " or ".join(DESCRIBED[o] for o in sorted(entry.after))
-            raise UserError(f"passes.{name}", f"{entry.name} takes {needs}, and {before} leaves {DESCRIBED[previous]}",
-                            _order_hint(entry.after, previous, before))  # fmt: skip
+            problem = f"{entry.name} cannot follow {before}, which leaves {DESCRIBED[previous]}"
+            raise UserError(f"passes.{name}", problem, _order_hint(entry.after, previous, before))
         previous, before = entry.gives, f"passes.{name}"
 
 
 def _order_hint(wanted: frozenset[Output], previous: Output, before: str) -> str:
     bridges = sorted(t.name for t in PASS_TYPES.values() if previous in t.after and t.gives in wanted)
     if not bridges:
-        return f"nothing takes {DESCRIBED[previous]}: put {before} last"
+        return f"put {before} after it"
     hint = f"put {' or '.join(bridges)} before it"
     return hint + ", or set input_model.adapter_path" if before == "input_model" and "adapter" in wanted else hint
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(str(path), "no such config file")
-    text = path.read_text()
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise UserError(str(path), f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(str(path), "the config must be a mapping at the top level")
-    return raw
-
-
-def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
-    """`a.b.c=value` sets a key of the normalised config (`data_configs.0.name` indexes a list).
-
-    The value is read as YAML: 5, true and [a, b] keep their types.
-    """
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item}", "expected KEY=VALUE", "for example passes.lora.training_args.max_steps=5")
-        if "storage_options" in key.split("."):
-            raise UserError(
-                f"--set {key}",
-                "storage options may hold secrets, and overrides are kept with the run's parameters",
-                "put them in the config file or the environment",
-            )
-        *parents, leaf = key.split(".")
-        node: Any = cfg
-        for part in parents:
-            node = _child(node, part, key)
-        value = yaml.safe_load(text) if text else ""
-        if isinstance(node, list):
-            node[_index(node, leaf, key)] = value
-        else:
-            node[leaf] = value
-
-
-def _child(node: Any, part: str, key: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, part, key)]
-    if not isinstance(node, dict):
-        raise UserError(f"--set {key}", f"'{part}' is inside a value, not a section")
-    if not isinstance(node.get(part), (dict, list)):
-        node[part] = {}
-    return node[part]
-
-
-def _index(node: list[Any], part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise UserError(f"--set {key}", f"'{part}' is not an index of a {len(node)}-entry list")
-    return int(part)
 
 
 def load_run_config(
@@ -291,13 +231,17 @@ def load_run_config(
     path = Path(path)
     normalised = normalise(read_config_file(path), set(EngineConfig.model_fields))
     raw = normalised.config
-    apply_overrides(raw, overrides or [])
+    engine_keys = set(EngineConfig.model_fields)
+    # The flat form's top-level engine keys work in --set too: cache_dir=... is engine.cache_dir=...
+    apply_overrides(
+        raw, [f"engine.{o}" if o.split(".")[0].split("=")[0] in engine_keys else o for o in overrides or []]
+    )
     if output_dir:
         raw.setdefault("engine", {})["output_dir"] = output_dir
     all_passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
     if passes is not None:
         raw["passes"] = all_passes = select_passes(all_passes, passes)
-    trains = [name for name, entry in PASS_TYPES.items() if entry.step is TRAIN_ADAPTER]
+    trains = [name for name, entry in PASS_TYPES.items() if "training_args" in entry.settings.model_fields]
     for settings in all_passes.values():
         if training_args and isinstance(settings, dict) and settings.get("type") in trains:
             settings["training_args"] = {**(settings.get("training_args") or {}), **training_args}
@@ -357,7 +301,26 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
 
 
 def resolve_execution_providers(cfg: RunConfig) -> None:
-    """Each ModelBuilder pass's provider: its own, else the engine's first, else the target system's, else CPU."""
+    """Each ModelBuilder pass's provider: its own, else the engine's first, else the target system's, else CPU.
+
+    Only a pass that needs one reads the run's: a provider olive-grove does not build for (QNN, OpenVINO)
+    is fine in a config whose ModelBuilder passes name their own, or that has none.
+    """
+    builders = [s for s in cfg.passes.values() if isinstance(s, ModelBuilderSettings)]
+    if any(s.execution_provider is None for s in builders):
+        default = _run_execution_provider(cfg)
+        for settings in builders:
+            settings.execution_provider = settings.execution_provider or default
+    outputs: dict[str, str] = {}
+    for name, settings in cfg.passes.items():
+        folder = PASS_TYPES[settings.type].output(settings)
+        if folder in outputs:
+            raise UserError(f"passes.{name}", f"writes {folder}, as passes.{outputs[folder]} does",
+                            "give it another precision or execution_provider")  # fmt: skip
+        outputs[folder] = name
+
+
+def _run_execution_provider(cfg: RunConfig) -> str:
     names, where = list(cfg.engine.execution_providers or []), "engine.execution_providers"
     target = cfg.systems.get(cfg.engine.target or "")
     if not names and target:
@@ -367,10 +330,7 @@ def resolve_execution_providers(cfg: RunConfig) -> None:
                 names += accelerator.execution_providers or []
     if names and names[0] not in EXECUTION_PROVIDERS:
         raise UserError(where, f"unknown execution provider {names[0]!r}", "one of " + ", ".join(EXECUTION_PROVIDERS))
-    default = EXECUTION_PROVIDERS[names[0]] if names else "cpu"
-    for settings in cfg.passes.values():
-        if isinstance(settings, ModelBuilderSettings) and settings.execution_provider is None:
-            settings.execution_provider = default
+    return EXECUTION_PROVIDERS[names[0]] if names else "cpu"
 
 
 def no_effect_notes(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -418,8 +378,10 @@ def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError
             error = UserError(f"{path}.type", f"unknown pass type {err['ctx']['tag']!r}", f"supported: {tags}")
         elif err["type"] == "missing":
             error = UserError(path, "is required")
+        elif "storage_options" in loc:  # may hold secrets: never echoed
+            error = UserError(path, err["msg"].removeprefix("Value error, "))
         else:
-            error = UserError(path, f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})")
+            error = UserError(path, f"{err['msg'].removeprefix('Value error, ')} (got {shown(err['input'])})")
         if error.where not in seen:  # a union reports each member's failure; the first is enough
             seen.add(error.where)
             errors.append(error)
@@ -431,7 +393,7 @@ _UNION_TAGS = {*PASS_TYPES, "Accelerator", "AzureMLDatastore", "str", "int", "fl
 
 
 def _is_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("literal"))
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith(("literal", "constrained-")))
 
 
 def _dotted(loc: list[Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, azure_storage_credentials
@@ -65,8 +67,9 @@ class StepRunner:
             raise self.cfg.user_error(_relocated(exc, where)) from None
         cached = state.name == "Cached"
         seconds = round(time.perf_counter() - started, 2)
+        where_now = artifact.located(Path(self.ctx.cache_dir))  # the report names files where they are
         self.record.append(StepRecord(step=label, task=task.name, cached=cached, seconds=seconds,
-                                      artifact=artifact))  # fmt: skip
+                                      artifact=where_now))  # fmt: skip
         if cached:
             get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
         return artifact
@@ -179,9 +182,19 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
     `config` is the path of an Olive run config (JSON or YAML) on the machine that runs the flow.
     """
     quiet_library_defaults()  # a deployment's worker enters here, not through the CLI
+    one_line_user_errors()
     logger = get_run_logger()
+    try:
+        return _finetune(config, options or RunOptions(), logger)
+    except UserError as exc:
+        # A mistake in the config or its inputs: the run fails with the one line as its state message.
+        logger.error(exc.line())
+        return Failed(message=f"{exc.line()} [on {socket.gethostname()}]", data=exc)
+
+
+def _finetune(config: str, options: RunOptions, logger) -> dict[str, Any]:
     started = time.perf_counter()
-    cfg, notes = (options or RunOptions()).load(config)
+    cfg, notes = options.load(config)
     with log_level(cfg.engine.log_severity_level), credentials_for(cfg, logger.info):
         for note in notes:
             logger.info(note)
@@ -193,3 +206,17 @@ def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
         report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
         logger.info("outputs in %s", output_dir)
     return report
+
+
+class _WithoutUserErrorTracebacks(logging.Filter):
+    """A user mistake a step finds is reported once, as one line, by the flow; a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def one_line_user_errors() -> None:
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutUserErrorTracebacks) for f in logger.filters):
+            logger.addFilter(_WithoutUserErrorTracebacks())

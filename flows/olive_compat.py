@@ -50,7 +50,8 @@ def normalise(raw: dict[str, Any], engine_keys: set[str]) -> Normalised:
                 _unwrap_params(data, section, f"data_configs[{i}].{section}", out)
             if isinstance(data.get("pre_process_data_config"), dict):
                 _rename_keys(data["pre_process_data_config"], f"data_configs[{i}].pre_process_data_config", out)
-            files = (data.get("load_dataset_config") or {}).get("data_files")
+            load = data.get("load_dataset_config")
+            files = load.get("data_files") if isinstance(load, dict) else None
             if isinstance(files, dict) and "type" in files:
                 _unwrap_config(files, f"data_configs[{i}].load_dataset_config.data_files", out)
     for name, pass_cfg in _entries(cfg.get("passes")):

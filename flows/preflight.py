@@ -2,80 +2,151 @@
 
 from __future__ import annotations
 
-import functools
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from olive_grove.flows.config import RunConfig
 from olive_grove.tasks.azureml import connect
 from olive_grove.tasks.caching import StepContext
-from olive_grove.tasks.data import AzureMLDatastore, check_data
-from olive_grove.tasks.errors import UserError, located
-from olive_grove.tasks.models import check_model_source, linear_module_names
+from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
+from olive_grove.tasks.errors import Unreachable, UserError, located
+from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
 from olive_grove.tasks.quiet import quiet_libraries
 from olive_grove.tasks.storage import Remote, is_url
 
 
-def check_before_work(cfg: RunConfig, ctx: StepContext) -> None:
-    """Raise a UserError for anything that would fail later, so a bad run writes nothing."""
+def check_before_work(cfg: RunConfig, ctx: StepContext, unchecked: list[UserError] | None = None) -> None:
+    """Raise a UserError for anything that would fail later, so a bad run writes nothing.
+
+    With `unchecked`, what this machine cannot reach (no credentials, no network, no Azure ML library) is
+    noted there instead, and the checks that do not depend on it go on: `grove validate` on a laptop.
+    """
     try:
         with quiet_libraries():  # the checks call into transformers and datasets
-            _check(cfg, ctx)
+            _check(cfg, ctx, _Attempts(cfg, unchecked))
     except UserError as exc:
         raise cfg.user_error(exc) from None
 
 
-def _check(cfg: RunConfig, ctx: StepContext) -> None:
-    resolve_datastores(cfg)
+class _Attempts:
+    """Runs one check; an unreachable resource fails the run, or is noted for `grove validate`."""
+
+    def __init__(self, cfg: RunConfig, unchecked: list[UserError] | None) -> None:
+        self.cfg, self.unchecked = cfg, unchecked
+
+    def __call__(self, where: str, check: Callable[[], object]) -> bool:
+        try:
+            with located(where):
+                check()
+        except Unreachable as exc:
+            if self.unchecked is None:
+                raise
+            self.unchecked.append(self.cfg.user_error(exc))
+            return False
+        return True
+
+
+def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
+    resolved = {
+        data.name: attempt("", lambda i=i: resolve_datastore(cfg, i)) for i, data in enumerate(cfg.data_configs)
+    }
     for key in ("cache_dir", "output_dir"):
         url = getattr(cfg.engine, key)
         if is_url(url):
-            Remote(url, f"engine.{key}").check_container()
+            attempt(f"engine.{key}", lambda url=url: Remote(url, "").check_container())
     source = cfg.model_source()
-    with located("input_model.model_path"):
-        check_model_source(source)
-    adapter = cfg.input_model.adapter_path
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError("input_model.adapter_path", f"{adapter} has no adapter_config.json",
-                        "point it at a PEFT adapter folder")  # fmt: skip
+    attempt("input_model.model_path", lambda: check_model_source(source))
+    if cfg.input_model.adapter_path:
+        with located("input_model.adapter_path"):
+            check_adapter_folder(Path(cfg.input_model.adapter_path))
+    check_locations(cfg)
     used = {name for settings in cfg.passes.values() for name in settings.data_config_names().values()}
     for data in cfg.data_configs:
-        if data.name in used:
-            with located(cfg.data_where(data.name)):
-                check_data(data, Path(ctx.downloads))
-
-    @functools.cache
-    def linear_names() -> set[str] | None:
-        """The base model's linear layers, where they can be read before the run fetches it."""
-        if source.kind not in ("local", "hub"):
-            return None  # checked by the training step once the model is fetched
-        try:
-            return linear_module_names(source.name, source.trust_remote_code)
-        except UserError:
-            return None  # an unreadable model is reported by the step that loads it
-
+        if data.name in used and resolved[data.name]:
+            attempt(cfg.data_where(data.name), lambda data=data: check_data(data, Path(ctx.downloads)))
+    facts = ModelFacts(source)
+    with located("input_model.model_path"):
+        facts.check()
     for name, settings in cfg.passes.items():
         with located(f"passes.{name}"):
-            settings.check_before_work(linear_names)
+            settings.check_before_work(facts)
+
+
+# What a run publishes into engine.output_dir: these are replaced, whatever was there.
+PUBLISHED = ("adapter", "adapters", "merged", "onnx", "report.json", "report.md")
+
+
+def check_locations(cfg: RunConfig) -> None:
+    """The output and cache folders are safe to write and can be written; no input lives where outputs go."""
+    output, cache = cfg.engine.output_dir, cfg.engine.cache_dir
+    for key, place in (("engine.output_dir", output), ("engine.cache_dir", cache)):
+        if not is_url(place):
+            check_writable_folder(Path(place), key)
+    if not is_url(output) and not is_url(cache) and Path(output) == Path(cache):
+        raise UserError("engine.output_dir", "is the same folder as engine.cache_dir", "give each its own folder")
+    if is_url(output):
+        return
+    replaced = [Path(output) / name for name in PUBLISHED]
+    for key, path in _input_paths(cfg):
+        if any(path == r or r in path.parents for r in replaced):
+            raise UserError(key, f"{path} is inside engine.output_dir, where this run's outputs replace it",
+                            "move it, or give engine.output_dir a folder of its own")  # fmt: skip
+
+
+def check_writable_folder(path: Path, key: str) -> None:
+    """A folder that is not the file system root or the home folder, and that this user can create or write."""
+    if path in (Path(path.anchor), Path.home()) or path in Path.home().parents:
+        raise UserError(key, f"{path} is {'your home folder' if path == Path.home() else 'a system folder'}",
+                        "give a folder of its own, such as outputs/<run name>")  # fmt: skip
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under the file {existing}"
+        raise UserError(key, f"{path} {what}", "give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(
+            key, f"{path} cannot be written ({exc.strerror}: {existing})", "give a folder you can write"
+        ) from None
+
+
+def _input_paths(cfg: RunConfig) -> list[tuple[str, Path]]:
+    found = []
+    if isinstance(cfg.input_model.model_path, str) and Path(cfg.input_model.model_path).is_absolute():
+        found.append(("input_model.model_path", Path(cfg.input_model.model_path)))
+    if cfg.input_model.adapter_path:
+        found.append(("input_model.adapter_path", Path(cfg.input_model.adapter_path)))
+    for index, data in enumerate(cfg.data_configs):
+        files, where = data.load_dataset_config.data_files, f"data_configs[{index}].load_dataset_config.data_files"
+        if not isinstance(files, AzureMLDatastore):
+            found += [(w, Path(f)) for w, f in listed_files(files, where) if not is_url(f)]
+    return found
 
 
 def resolve_datastores(cfg: RunConfig) -> None:
     """Point each `azureml_datastore` data file at its blob URL, through the workspace that owns it."""
-    for index, data in enumerate(cfg.data_configs):
-        load = data.load_dataset_config
-        files = load.data_files
-        if not isinstance(files, AzureMLDatastore):
-            continue
-        where = f"data_configs[{index}].load_dataset_config.data_files"
-        client = files.azureml_client or (
-            cfg.azureml_client.model_dump(exclude_none=True) if cfg.azureml_client else None
-        )
-        if not client:
-            raise UserError(f"{where}.azureml_client", "is required for an azureml_datastore", "or set azureml_client")
-        location = connect(client, f"{where}.azureml_client").datastore(files.datastore_name)
-        check_account(location.account_name, where)
-        load.data_files = location.url(files.relative_path)
-        load.storage_options = {"account_name": location.account_name, **(load.storage_options or {})}
+    for index in range(len(cfg.data_configs)):
+        resolve_datastore(cfg, index)
+
+
+def resolve_datastore(cfg: RunConfig, index: int) -> None:
+    load = cfg.data_configs[index].load_dataset_config
+    files = load.data_files
+    if not isinstance(files, AzureMLDatastore):
+        return
+    where = f"data_configs[{index}].load_dataset_config.data_files"
+    client = files.azureml_client or (cfg.azureml_client.model_dump(exclude_none=True) if cfg.azureml_client else None)
+    if not client:
+        raise UserError(f"{where}.azureml_client", "is required for an azureml_datastore", "or set azureml_client")
+    location = connect(client, f"{where}.azureml_client").datastore(files.datastore_name)
+    check_account(location.account_name, where)
+    load.data_files = location.url(files.relative_path)
+    load.storage_options = {"account_name": location.account_name, **(load.storage_options or {})}
 
 
 def check_account(account: str, where: str) -> None:

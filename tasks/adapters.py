@@ -13,19 +13,19 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo, TrainingProgress
 from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.data import DataConfig, DatasetInfo, DatasetSettings
-from olive_grove.tasks.errors import UserError, nearest
+from olive_grove.tasks.errors import UserError, nearest, shown
 from olive_grove.tasks.evaluate import heldout_loss
 from olive_grove.tasks.files import INTERNAL_PREFIX, USER_CACHE, read_memo, write_memo
 from olive_grove.tasks.models import (
+    ModelFacts,
     ModelInfo,
     has_cuda,
     linear_module_names,
@@ -68,8 +68,10 @@ class LoRASettings(PassSettings):
     eval_dataset_size: float | None = Field(
         None, gt=0, description="hold out this fraction (<1) or count (>=1) of the training samples"
     )
-    target_modules: list[str] | None = Field(None, description="layer names to adapt; None: peft's default")
-    r: int = Field(64, gt=0, description="LoRA rank")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="layer names to adapt; None (left out): the model type's default"
+    )
+    r: int = Field(64, gt=0, description="LoRA rank; at most the model's hidden size")
     alpha: float = Field(16, gt=0, description="scale = alpha / r")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     modules_to_save: list[str] | None = None
@@ -87,7 +89,7 @@ class LoRASettings(PassSettings):
         "auto",
         description="olive-grove: data-parallel training processes, one per GPU; auto: every GPU of the worker",
     )
-    micro_batch_size: int | Literal["auto"] | None = Field(
+    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
         "auto",
         description="olive-grove: samples per forward pass, keeping the effective batch; auto: the most that "
         "fits on the GPU; null: per_device_train_batch_size as configured",
@@ -158,10 +160,14 @@ class LoRASettings(PassSettings):
             if name is not None
         }
 
-    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
-        """What can be known wrong before training: the Trainer's arguments, the layers to adapt."""
+    def check_before_work(self, model: ModelFacts) -> None:
+        """What can be known wrong before training: the Trainer's arguments, the rank, the layers to adapt."""
         check_training_args(self)
-        names = linear_names() if self.target_modules else None
+        hidden = model.hidden_size()
+        if hidden is not None and self.r > hidden:
+            raise UserError("r", f"{self.r} is more than the model's hidden size ({hidden})",
+                            "a LoRA rank is much smaller: 8 to 64 is usual")  # fmt: skip
+        names = model.linear_names() if self.target_modules else None
         if names is not None:
             check_target_modules(self, names)
 
@@ -181,12 +187,12 @@ class QLoRASettings(LoRASettings):
     def dtype(self) -> str:
         return self.compute_dtype
 
-    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
+    def check_before_work(self, model: ModelFacts) -> None:
         if self.loftq and not has_cuda():
             raise UserError(
                 "loftq", "peft's LoftQ initialisation runs on CUDA only", "set loftq: false on a machine without a GPU"
             )
-        super().check_before_work(linear_names)
+        super().check_before_work(model)
 
 
 def check_target_modules(settings: LoRASettings, linear_names: set[str]) -> None:
@@ -207,13 +213,56 @@ def check_training_args(settings: LoRASettings) -> None:
     types = typing.get_type_hints(TrainingArguments)
     for key, value in settings.training_args.items():
         try:
-            TypeAdapter(types[key]).validate_python(value)
+            TypeAdapter(types[key]).validate_python(value, strict=True)  # `true` is no batch size of 1
         except ValidationError as exc:
-            raise UserError(f"training_args.{key}", f"{exc.errors()[0]['msg']} (got {value!r})") from None
+            hint = "YAML reads 2e-4 as text: write 2.0e-4" if isinstance(value, str) and _is_number(value) else ""
+            raise UserError(f"training_args.{key}", f"{exc.errors()[0]['msg']} (got {shown(value)})", hint) from None
+        minimum = TRAINING_ARG_MINIMUMS.get(key)
+        if minimum is not None and isinstance(value, (int, float)) and not _at_least(value, *minimum):
+            bound, inclusive = minimum
+            raise UserError(f"training_args.{key}", f"must be {'at least' if inclusive else 'more than'} {bound} "
+                            f"(got {value!r})")  # fmt: skip
+    steps = settings.training_args.get("max_steps", -1)
+    if steps == 0 or steps < -1:
+        raise UserError("training_args.max_steps", f"must be positive (got {steps})", "or -1: train num_train_epochs")
+    if steps == -1 and settings.training_args.get("num_train_epochs", 3) <= 0:
+        raise UserError("training_args.num_train_epochs", "must be more than 0 when max_steps is not set",
+                        "an untrained adapter is no adapter")  # fmt: skip
+    evaluates = settings.eval_dataset_size is not None or settings.eval_data_config is not None
     try:
-        trainer_arguments(settings, Path("unused"), has_eval=settings.eval_dataset_size is not None)
+        trainer_arguments(settings, Path("unused"), has_eval=evaluates)
     except (ValueError, TypeError) as exc:
-        raise UserError("training_args", str(exc).splitlines()[0]) from None
+        raise UserError("training_args", " ".join(str(exc).split())[:300]) from None
+
+
+# TrainingArguments that have a smallest sensible value: (bound, whether the bound itself is allowed).
+TRAINING_ARG_MINIMUMS: dict[str, tuple[float, bool]] = {
+    "learning_rate": (0, False),
+    "per_device_train_batch_size": (1, True),
+    "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True),
+    "eval_accumulation_steps": (1, True),
+    "logging_steps": (0, False),
+    "save_steps": (0, False),
+    "eval_steps": (0, False),
+    "save_total_limit": (1, True),
+    "warmup_steps": (0, True),
+    "weight_decay": (0, True),
+    "max_grad_norm": (0, True),
+    "adam_epsilon": (0, False),
+}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _at_least(value: float, bound: float, inclusive: bool) -> bool:
+    return value >= bound if inclusive else value > bound
 
 
 # ------------------------------------------------------------------------------------- what it reports
@@ -316,7 +365,10 @@ def _train_in_this_process(
     resume = last_complete_checkpoint(checkpoints)
     if resume:
         report.log(f"resuming training from {resume.name}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        _close_progress_bars(trainer)  # an interrupted bar would leave the next line (an error) after it
     info = AdapterInfo(dtype=settings.dtype, steps=result.global_step, processes=trainer.args.world_size,
                        train_loss=_finite(result.training_loss))  # fmt: skip
     if placement.rank != 0:
@@ -491,6 +543,16 @@ def progress_callbacks(report: Reporter) -> list:
                 report.progress(self.update(state))
 
     return [TerminalBar(), Progress()]
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def _finite(value: Any) -> float | None:

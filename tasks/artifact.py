@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from olive_grove.tasks.models import ModelFacts
 
 
 class StepInfo(BaseModel):
@@ -31,10 +33,15 @@ class StepInfo(BaseModel):
 InfoT = TypeVar("InfoT", bound=StepInfo)
 
 
-class PassSettings(BaseModel):
-    """A pass's settings, as the config writes them under `passes.<name>`; unknown keys are errors."""
+class Settings(BaseModel):
+    """A section of the run config: unknown keys are errors, and values keep their types (`r: true` is not
+    a rank of 1, `"5"` is not a count)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PassSettings(Settings):
+    """A pass's settings, as the config writes them under `passes.<name>`."""
 
     def data_config_names(self) -> dict[str, str]:
         """The data configs the pass reads, by the key that names them; none by default."""
@@ -44,8 +51,8 @@ class PassSettings(BaseModel):
         """The dataset steps the pass needs, by the name of the step input they become; none by default."""
         return {}
 
-    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
-        """Raise a UserError for what would fail later; `linear_names()` gives the base model's, when known."""
+    def check_before_work(self, model: ModelFacts) -> None:
+        """Raise a UserError for what would fail later; `model` tells what is known of the base model."""
 
 
 class Artifact(BaseModel, Generic[InfoT]):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.errors import Unreachable, UserError
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class AzureMLWorkspace:
             from azure.ai.ml import MLClient
             from azure.identity import DefaultAzureCredential
         except ImportError:
-            raise UserError(
+            raise Unreachable(
                 where, "Azure ML needs the azure-ai-ml package", "pip install 'olive-grove[azureml]'"
             ) from None
         self._where, self._client, self._credential = where, client, DefaultAzureCredential()
@@ -78,8 +78,10 @@ class AzureMLWorkspace:
 
 def _service_error(where: str, what: str, exc: Exception) -> UserError:
     text = f"{what}: {exc}".splitlines()[0]
-    if "credential" in text.lower():
-        return UserError(where, text, "sign in with az login, a managed identity or AZURE_CLIENT_ID/_SECRET/TENANT_ID")
+    if "credential" in text.lower() or "connect" in text.lower():
+        return Unreachable(
+            where, text, "sign in with az login, a managed identity or AZURE_CLIENT_ID/_SECRET/TENANT_ID"
+        )
     return UserError(where, text)
 
 

@@ -8,6 +8,7 @@ names, sizes and hashes), `results/<key>` Prefect's cache record, `locks/` the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -120,8 +121,10 @@ class StepFolder:
         return path
 
     def publish(self, staged: Path) -> Path:
-        """Write the manifest, then move the output into place atomically; a concurrent twin wins."""
+        """Write the manifest, then move the output into place atomically; a whole concurrent twin wins."""
         write_manifest(staged)
+        if self.final.exists() and damage(self.final) is not None:
+            remove_folder(self.final)
         move_into_place(staged, self.final)
         shutil.rmtree(self.work, ignore_errors=True)
         return self.final
@@ -139,13 +142,17 @@ def write_manifest(folder: Path) -> None:
 def damage(folder: Path, thorough: bool = False) -> str | None:
     """What is wrong with a step folder against its manifest, or None when it is whole.
 
-    Names and sizes are always checked; contents of small files always, of big ones when their mtime
-    moved, of all with `thorough`.
+    Names and sizes are always checked, and that no file was added; contents of small files always, of
+    big ones when their mtime moved (a file found unchanged keeps its new mtime), of all with `thorough`.
     """
+    if not folder.is_dir():
+        return "it is not a folder" if folder.exists() else "its files are missing"
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
     except (OSError, ValueError, KeyError):
-        return "its files are missing" if not folder.is_dir() else "it has no readable manifest"
+        return "it has no readable manifest"
+    moved = False
     for name, expected in files.items():
         path = folder / name
         try:
@@ -154,18 +161,28 @@ def damage(folder: Path, thorough: bool = False) -> str | None:
             return f"{name} is missing"
         if stat.st_size != expected["size"]:
             return f"{name} has {stat.st_size} bytes, not {expected['size']}"
-        check = thorough or stat.st_size <= HASHED_ON_EVERY_HIT or stat.st_mtime_ns != expected["mtime_ns"]
-        if check and hash_file(path) != expected["hash"]:
+        stale = stat.st_mtime_ns != expected["mtime_ns"]
+        if (thorough or stale or stat.st_size <= HASHED_ON_EVERY_HIT) and hash_file(path) != expected["hash"]:
             return f"{name} changed since it was cached"
+        if stale:
+            expected["mtime_ns"], moved = stat.st_mtime_ns, True
+    added = sorted(
+        {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(files) - {MANIFEST}
+    )
+    if added:
+        return f"{added[0]} was added since it was cached"
+    if moved:  # copied without its times (cp -r): the contents were checked once, so hits need not hash again
+        with contextlib.suppress(OSError):
+            (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return None
 
 
-def _accept_copied_files(folder: Path) -> None:
-    """A folder downloaded and fully checked: note its files' new mtimes, so hits need not hash them again."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    for name, entry in manifest["files"].items():
-        entry["mtime_ns"] = (folder / name).stat().st_mtime_ns
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+def remove_folder(path: Path) -> None:
+    """Remove a step folder, or whatever stands where one should be."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------- cache policy and repair
@@ -192,17 +209,16 @@ def make_entry_usable(ctx: StepContext, step: str, key: str) -> None:
     """Leave the key's entry whole, or absent; shared-cache failures cost a recompute, never the run."""
     log = get_run_logger()
     record, folder, shared = ctx.record(key), ctx.folder(step, key).final, ctx.shared()
-    if record.is_file():
-        problem = damage(folder)
-        if problem is None:
-            return
-        log.warning("%s: the cached result %s is damaged (%s): it is not used", step, key, problem)
+    problem = damage(folder) if folder.exists() or record.is_file() else None
+    if problem is not None:
+        if record.is_file():
+            log.warning("%s: the cached result %s is damaged (%s): it is not used", step, key, problem)
         record.unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-    if shared is None:
+        remove_folder(folder)
+    if shared is None or record.is_file():
         return
     try:
-        if shared.fetch(step, key, folder):
+        if shared.fetch(step, key, folder, log):
             log.info("%s: reusing the result a run elsewhere shared", step)
     except UserError as exc:
         log.warning("%s: the shared cache could not be read: %s", step, exc.line())
@@ -252,17 +268,23 @@ class SharedCache:
         self.remote = Remote(url, "")
         self.local_dir = local_dir
 
-    def fetch(self, step: str, key: str, target: Path) -> bool:
-        """Bring another machine's result here, files checked against its manifest; False if there is none."""
+    def fetch(self, step: str, key: str, target: Path, log: Any) -> bool:
+        """Bring another machine's result here, files checked against its manifest; False if there is none.
+
+        A damaged shared result is dropped from the shared cache (its record first), so the run that
+        computes it again shares it again.
+        """
         if not self.remote.exists(f"results/{key}"):
             return False
-        if not target.is_dir():
+        if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             self.remote.download_folder(f"steps/{step}/{key}", target)
-        if damage(target, thorough=True) is not None:
-            shutil.rmtree(target, ignore_errors=True)
+        problem = damage(target, thorough=True)
+        if problem is not None:
+            log.warning("%s: the shared result %s is damaged (%s): computing it again", step, key, problem)
+            remove_folder(target)
+            self.remote.remove(f"results/{key}")
             return False
-        _accept_copied_files(target)
         record = self.local_dir / "results" / key
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{key}.tmp{os.getpid()}")
@@ -345,9 +367,10 @@ class CacheEntry:
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for folder in sorted((cache_dir / "steps").glob("*/*")):
-        if not folder.is_dir() or folder.name.startswith(".") or folder.name.endswith(".work"):
+        if folder.name.startswith(".") or folder.name.endswith(".work"):
             continue
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        files = folder.rglob("*") if folder.is_dir() else [folder]
+        size = sum(p.stat().st_size for p in files if p.is_file())
         record = cache_dir / "results" / folder.name
         entries.append(CacheEntry(folder.parent.name, folder.name, folder, record, size, folder.stat().st_mtime))
     return entries
@@ -356,5 +379,16 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
 def remove_entry(entry: CacheEntry) -> None:
     """Record first, then files: a half-removed entry is a cache miss, never a hit without files."""
     entry.record.unlink(missing_ok=True)
-    shutil.rmtree(entry.folder, ignore_errors=True)
+    remove_folder(entry.folder)
     shutil.rmtree(entry.folder.with_name(entry.folder.name + ".work"), ignore_errors=True)
+
+
+def leftovers(cache_dir: Path) -> list[Path]:
+    """What failed or interrupted runs left: staging folders, checkpoints of steps that never finished,
+    and records without a step folder (Prefect keeps one for each failed step)."""
+    steps = cache_dir / "steps"
+    found = sorted(steps.glob("*/.*.tmp-*"))
+    found += sorted(p for p in steps.glob("*/*.work") if not p.with_name(p.name.removesuffix(".work")).exists())
+    keys = {p.name for p in steps.glob("*/*")}
+    found += sorted(p for p in (cache_dir / "results").glob("*") if p.is_file() and p.name not in keys)
+    return found

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+import math
 import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, StepInfo
+from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
-from olive_grove.tasks.errors import UserError, located
+from olive_grove.tasks.errors import UserError, located, nearest
 from olive_grove.tasks.files import hash_file, hash_value
 from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
@@ -26,11 +28,7 @@ from olive_grove.tasks.storage import (
 LOCAL_FORMATS = {"json", "csv", "parquet", "text"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AzureMLDatastore(_Strict):
+class AzureMLDatastore(Settings):
     """Olive's `azureml_datastore` data file: a path inside an Azure ML workspace's datastore."""
 
     type: Literal["azureml_datastore"]
@@ -39,7 +37,7 @@ class AzureMLDatastore(_Strict):
     relative_path: str
 
 
-class LoadDatasetSettings(_Strict):
+class LoadDatasetSettings(Settings):
     """Arguments of `datasets.load_dataset`, as Olive's `load_dataset_config` names them."""
 
     data_name: str = Field(description="a builder ('json', 'csv', 'parquet', 'text') or a hub dataset id")
@@ -64,7 +62,7 @@ class LoadDatasetSettings(_Strict):
         return value
 
 
-class TextSettings(_Strict):
+class TextSettings(Settings):
     """How rows become token sequences (Olive's `pre_process_data_config` for text generation)."""
 
     text_cols: list[str] = Field(default_factory=lambda: ["text"], description="columns the template may use")
@@ -109,7 +107,7 @@ class TextSettings(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(Settings):
     """One entry of Olive's `data_configs`."""
 
     name: str
@@ -153,10 +151,11 @@ def render_template(template: str, row: dict[str, Any]) -> str:
 
 
 def row_text(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: str | None) -> str:
+    """A row's training text. An empty cell (null) is empty text, with a template or without."""
     if settings.text_template is not None:
         text = render_template(settings.text_template, row)
     else:
-        text = " ".join(str(row[c]) for c in settings.text_cols)
+        text = " ".join("" if row[c] is None else str(row[c]) for c in settings.text_cols)
     if settings.add_special_tokens:
         # Olive wraps rows at the string level, with spaces, before tokenizing without special tokens.
         text = f"{bos or ''} {text} {eos or ''}"
@@ -178,8 +177,12 @@ def load_rows(config: DataConfig, downloads: Path):
             load.data_name, name=load.subset, data_files=data_files, data_dir=load.data_dir, split=load.split
         )
     except Exception as exc:  # datasets raises many types for unreadable data; each is the data's fault
-        cause = exc.__cause__ or exc
-        raise UserError("load_dataset_config", f"could not load the dataset: {cause}".splitlines()[0]) from None
+        cause = str(exc.__cause__ or exc).splitlines()[0][:300]
+        if load.data_files is None:  # a hub dataset
+            problem = f"could not load the hub dataset '{load.data_name}': {cause}"
+            hint = "give data_files for local data, or a hub dataset this machine can reach"
+            raise UserError("load_dataset_config.data_name", problem, hint) from None
+        raise UserError("load_dataset_config", f"could not load the dataset: {cause}") from None
 
 
 def local_data_files(load: LoadDatasetSettings, where: str, downloads: Path) -> Any:
@@ -221,8 +224,12 @@ def check_data(config: DataConfig, downloads: Path) -> None:
 
 
 def check_data_files(config: DataConfig) -> None:
-    """Every listed file or pattern matches something, local or behind a URL."""
+    """Every listed file or pattern matches something, local or behind a URL, in a format `datasets` reads."""
     load = config.load_dataset_config
+    if load.data_files is not None and load.data_name not in LOCAL_FORMATS:
+        raise UserError("load_dataset_config.data_name", f"'{load.data_name}' is not a file format datasets reads",
+                        f"with data_files, data_name is one of {', '.join(sorted(LOCAL_FORMATS))}; "
+                        f"{nearest(load.data_name, LOCAL_FORMATS)}")  # fmt: skip
     where = "load_dataset_config.data_files"
     if isinstance(load.data_files, AzureMLDatastore):
         raise UserError(
@@ -239,6 +246,8 @@ def check_data_files(config: DataConfig) -> None:
                 raise
             except Exception as exc:  # the backend's own error types: access denied, for one
                 raise storage_error(exc, file, file_where) from None
+        elif is_pattern(file) and not glob.glob(file, recursive=True):
+            raise UserError(file_where, f"the pattern {file} matches no file", "check the folder and the pattern")
         elif not is_pattern(file) and not Path(file).exists():
             raise UserError(file_where, f"no file at {file}", "give a path relative to the config file, or a URI")
 
@@ -331,13 +340,11 @@ def pack_rows(token_rows: list[list[int]], max_len: int) -> dict[str, list[list[
     return out
 
 
-class DatasetSettings(BaseModel):
+class DatasetSettings(Settings):
     """The dataset step's settings: one data config, and how much of it to hold out for evaluation.
 
     Errors about the data config are named under `data`, the others at their own key.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     data: DataConfig
     files_fingerprint: str = Field(description="what the data files hold (fingerprint_data)")
@@ -368,6 +375,11 @@ def prepare_dataset(
         rows = load_rows(config, files.downloads)
         check_text_columns(config, rows.column_names)
     text = config.pre_process_data_config
+    used = template_fields(text.text_template, "text_template") if text.text_template else text.text_cols
+    empty = sum(1 for row in rows if any(row[c] is None for c in used))
+    if empty:
+        report.log(f"dataset {config.name}: {empty} of {len(rows)} rows have an empty {' or '.join(used)}; "
+                   "those cells are empty text")  # fmt: skip
     texts = [t for t in (row_text(r, text, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
     samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, text))
     if len(samples) == 0:
@@ -381,8 +393,11 @@ def prepare_dataset(
     splits = {"train": samples}
     size = settings.eval_dataset_size
     if size:
-        if len(samples) < 2:
-            raise UserError("eval_dataset_size", f"only {len(samples)} sample to split", "add data or drop it")
+        held_out = int(size) if size >= 1 else math.ceil(size * len(samples))
+        if held_out >= len(samples):
+            problem = f"holds out {held_out} of {len(samples)} samples, leaving none to train on"
+            hint = "hold out fewer (a fraction below 1, or a smaller count), or add data"
+            raise UserError("eval_dataset_size", problem, hint)
         # Olive's meaning: below 1 a fraction of the samples, from 1 a count of them.
         split = samples.train_test_split(test_size=int(size) if size >= 1 else size, seed=settings.seed, shuffle=True)
         splits = {"train": split["train"], "eval": split["test"]}

@@ -23,7 +23,7 @@ class UserError(ValueError):
 
     def line(self) -> str:
         text = f"{self.where}: {self.problem}" if self.where else self.problem
-        return f"{text} ({self.hint})" if self.hint else text
+        return printable(f"{text} ({self.hint})" if self.hint else text)
 
     def under(self, prefix: str) -> UserError:
         """The same error, for a key `where` inside the section at `prefix`."""
@@ -50,7 +50,12 @@ class UserErrors(UserError):
         return UserErrors([e.under(prefix) for e in self.errors])
 
 
-class NoCredentials(UserError):
+class Unreachable(UserError):
+    """Something the config names that this machine cannot reach now: no credentials, no network, no client
+    library. Not necessarily a mistake in the config: `grove validate` reports it and goes on."""
+
+
+class NoCredentials(Unreachable):
     """Storage that needs credentials nobody gave; the edge that knows how to store them adds the hint."""
 
 
@@ -64,9 +69,22 @@ def located(prefix: str) -> Iterator[None]:
 
 
 def nearest(name: str, choices: Iterable[str]) -> str:
-    """A 'did you mean' hint for a misspelt name, or a list of the valid ones."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    """A 'did you mean' hint for a misspelt name, or the valid ones (the first few, if there are many)."""
+    choices = sorted(str(c) for c in choices)
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
+    if len(choices) > 12:
+        return f"valid: {', '.join(choices[:8])}, … ({len(choices)} in all)"
     return "valid: " + ", ".join(choices) if choices else ""
+
+
+def printable(text: str) -> str:
+    """One line, whatever a key or value held: control characters are shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value as an error line may echo it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

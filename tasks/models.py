@@ -6,6 +6,7 @@ Errors name keys relative to `input_model.model_path`; the flow puts them there.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.metadata
 import json
 import re
@@ -56,10 +57,48 @@ class ModelInfo(StepInfo):
     trust_remote_code: bool = False
 
 
+class ModelFacts:
+    """What can be read about the base model before the run fetches or loads it; None where it cannot."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+
+    @functools.cached_property
+    def _config(self) -> dict[str, Any] | None:
+        if self.source.kind != "local":
+            return None
+        try:
+            return json.loads((Path(self.source.name) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def hidden_size(self) -> int | None:
+        size = (self._config or {}).get("hidden_size")
+        return size if isinstance(size, int) else None
+
+    @functools.cached_property
+    def _linear_names(self) -> set[str] | UserError | None:
+        if self.source.kind not in ("local", "hub"):
+            return None  # read once the run fetches the model
+        try:
+            return linear_module_names(self.source.name, self.source.trust_remote_code)
+        except UserError as exc:
+            return exc
+
+    def check(self) -> None:
+        """A local model whose config transformers cannot read is a mistake to report now."""
+        if self.source.kind == "local" and isinstance(self._linear_names, UserError):
+            raise self._linear_names
+
+    def linear_names(self) -> set[str] | None:
+        """The short names of its linear layers; None where they are only known once the run has the model."""
+        names = self._linear_names
+        return None if isinstance(names, UserError) else names
+
+
 def check_model_source(source: ModelSource) -> None:
     if source.kind == "local":
-        if not (Path(source.name) / "config.json").exists():
-            raise UserError("", f"{source.name} has no config.json", "point it at a Hugging Face model folder")
+        check_model_folder(Path(source.name))
     elif source.kind == "url":
         if not Remote(source.name, "").exists("config.json"):
             raise UserError("", f"{source.name} has no config.json", "point it at a Hugging Face model folder")
@@ -67,6 +106,89 @@ def check_model_source(source: ModelSource) -> None:
         connect(source.azureml_client, "")  # the Azure ML client library is there
     elif not HUB_ID.match(source.name):
         raise UserError("", f"no folder {source.name}, and it is not a hub id", "give a model folder or org/name")
+
+
+def check_model_folder(root: Path) -> None:
+    """A Hugging Face model folder that can load: its config, every weight file whole, a tokenizer.
+
+    Cheap: safetensors files are checked by their header against their size, nothing is loaded.
+    """
+    hint = "point it at a Hugging Face model folder"
+    try:
+        json.loads((root / "config.json").read_text())
+    except OSError:
+        raise UserError("", f"{root} has no config.json", hint) from None
+    except ValueError as exc:
+        raise UserError("", f"{root / 'config.json'} is not valid JSON: {exc}") from None
+    weights = weight_files(root)
+    if not weights:
+        raise UserError("", f"{root} has no weights (model.safetensors or pytorch_model.bin)", hint)
+    for path in weights:
+        if not path.is_file():
+            raise UserError("", f"{path} is missing (its index lists it)", "copy the whole model folder")
+        if path.suffix == ".safetensors":
+            problem = safetensors_damage(path)
+            if problem:
+                raise UserError("", f"{path} {problem}", "download or save the model again")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError("", f"{root} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+                        "save the tokenizer beside the model: tokenizer.save_pretrained(folder)")  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            json.loads((root / name).read_text()) if (root / name).is_file() else None
+        except ValueError as exc:
+            raise UserError("", f"{root / name} is not valid JSON: {str(exc)[:80]}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_adapter_folder(root: Path) -> None:
+    """A PEFT adapter folder: its config, and its weights whole."""
+    hint = "point it at a PEFT adapter folder"
+    try:
+        json.loads((root / "adapter_config.json").read_text())
+    except OSError:
+        raise UserError("", f"{root} has no adapter_config.json", hint) from None
+    except ValueError as exc:
+        raise UserError("", f"{root / 'adapter_config.json'} is not valid JSON: {str(exc)[:80]}") from None
+    weights = [root / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (root / n).is_file()]
+    if not weights:
+        raise UserError("", f"{root} has no adapter weights (adapter_model.safetensors)", hint)
+    problem = safetensors_damage(weights[0]) if weights[0].suffix == ".safetensors" else None
+    if problem:
+        raise UserError("", f"{weights[0]} {problem}", "train or save the adapter again")
+
+
+def weight_files(root: Path) -> list[Path]:
+    """The weight files a model folder loads from: an index's shards, else the single file."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
+        if (root / index).is_file():
+            try:
+                shards = json.loads((root / index).read_text())["weight_map"].values()
+            except (ValueError, KeyError, AttributeError):
+                raise UserError("", f"{root / index} is not a weight index") from None
+            return [root / name for name in sorted(set(shards))]
+        if (root / single).is_file():
+            return [root / single]
+    return []
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a safetensors file, read from its header and size; None if it looks whole."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"is truncated ({size:,} bytes)"
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return "has no readable safetensors header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    needed = 8 + length + max(ends, default=0)
+    return f"is truncated ({size:,} bytes, its header says {needed:,})" if size < needed else None
 
 
 def model_files(root: Path) -> list[str]:

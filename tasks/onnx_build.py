@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +11,7 @@ from pydantic import Field
 
 from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo
 from olive_grove.tasks.errors import UserError
-from olive_grove.tasks.models import ModelInfo
+from olive_grove.tasks.models import ModelFacts, ModelInfo
 
 EXECUTION_PROVIDERS = {
     "CPUExecutionProvider": "cpu",
@@ -36,8 +35,13 @@ class ModelBuilderSettings(PassSettings):
     search: dict[str, Any] | None = Field(None, description="genai_config search options, e.g. max_length")
     extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is")
 
-    def check_before_work(self, linear_names: Callable[[], set[str] | None]) -> None:
-        if self.precision == "bf16" and self.execution_provider in (None, "cpu"):
+    @property
+    def provider(self) -> str:
+        """The execution provider it builds for: its own, or the run's (which the config fills in), or CPU."""
+        return self.execution_provider or "cpu"
+
+    def check_before_work(self, model: ModelFacts) -> None:
+        if self.precision == "bf16" and self.provider == "cpu":
             raise UserError("precision", "bf16 models do not run on the CPU execution provider",
                             "use int4, int8, fp16 or fp32 for cpu")  # fmt: skip
 
@@ -70,7 +74,7 @@ def build_onnx_model(
     """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    provider = settings.execution_provider or "cpu"
+    provider = settings.provider
     files.work.mkdir(parents=True, exist_ok=True)
     args = (None, model.path, str(files.out), settings.precision, provider, str(files.work / "hf-cache"))
     with (

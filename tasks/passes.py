@@ -64,7 +64,8 @@ PASS_TYPES: dict[str, PassType] = {
         PassType(QLoRASettings, **_TRAINING, output=lambda _: "adapter"),
         PassType(MergeSettings, MERGE_ADAPTER, takes=("model", "adapter"), after=frozenset({"adapter"}),
                  gives="model", output=lambda _: "merged"),
-        PassType(ModelBuilderSettings, BUILD_ONNX_MODEL, takes=("model",), after=frozenset({"model"}), gives="onnx",
-                 output=lambda s: f"onnx/{s.precision}-{s.execution_provider}"),
+        # Several ModelBuilder passes in a row build the same model for several precisions or providers.
+        PassType(ModelBuilderSettings, BUILD_ONNX_MODEL, takes=("model",), after=frozenset({"model", "onnx"}),
+                 gives="onnx", output=lambda s: f"onnx/{s.precision}-{s.provider}"),
     )
 }  # fmt: skip

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 # Modules whose UserWarnings, FutureWarnings and DeprecationWarnings are about their own internals.
 NOISY_MODULES = r"(torch|transformers|peft|accelerate|bitsandbytes|datasets|onnx|onnx_ir|onnxruntime_genai)\b.*"
 # azure.identity logs each credential it tried; the one-line error already says what to do.
-NOISY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "onnx_ir", "httpx", "azure")
+NOISY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "bitsandbytes", "onnx_ir", "httpx", "azure")
 
 
 def quiet_library_defaults() -> None:
@@ -24,6 +24,8 @@ def quiet_library_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Writing model shards" and friends
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs its own ERROR line for a file it cannot parse, before the error that names the config key.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,30 @@ def task_of(step: Step) -> Task:
         folder = ctx.folder(step.name, key)
         files = StepFiles(out=folder.staging(), work=folder.work, downloads=Path(ctx.downloads))
         here = {name: a.located(Path(ctx.cache_dir)) if a else None for name, a in inputs.items()}
-        with quiet_libraries():
-            info = step.run(settings, files, RunLogReporter(), **here)
+        try:
+            with quiet_libraries():
+                info = step.run(settings, files, RunLogReporter(), **here)
+        except Exception as exc:
+            if not _disk_full(exc):
+                raise
+            raise UserError("", f"no space left on the disk of {ctx.cache_dir}",
+                            "free some, or move engine.cache_dir to a bigger disk") from None  # fmt: skip
+        finally:
+            if "info" not in locals():  # a failed step leaves no half-written output behind
+                shutil.rmtree(files.out, ignore_errors=True)
         info.seconds = round(time.perf_counter() - started, 2)
         return Artifact(path=ctx.relative(folder.publish(files.out)), fingerprint=key, info=info)
 
     return task(run_step, name=step.name, version=step.version, cache_policy=STEP_CACHE, persist_result=True)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether a failure is a full disk, also when a library wrapped the OS error in its own (safetensors)."""
+    while exc is not None:
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def configured(step: Step, ctx: StepContext) -> Task:
@@ -78,4 +98,4 @@ def _is_transient(task: Task, task_run, state) -> bool:
 @task(name="fingerprint_base_model")
 def fingerprint_base_model(source: ModelSource, ctx: StepContext) -> Artifact[ModelInfo]:
     """Never cached: its whole job is to notice that the base model changed."""
-    return resolve_model(source, Path(ctx.downloads), memo=Path(ctx.cache_dir) / "file-hashes.json")
+    return resolve_model(source, Path(ctx.downloads), memo=Path(ctx.downloads) / "file-hashes.json")

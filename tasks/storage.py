@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from olive_grove.tasks.errors import NoCredentials, UserError
+from olive_grove.tasks.errors import NoCredentials, Unreachable, UserError
 from olive_grove.tasks.files import hash_value, move_into_place
 
 CREDENTIALS_HINT = (
@@ -58,6 +58,8 @@ def storage_error(exc: BaseException, url: str, where: str) -> UserError:
         return UserError(where, f"{url}: no such {what}", "check the account, container and path")
     if status in (401, 403) or "Authorization" in code or "Authentication" in code:
         return UserError(where, f"{url}: access denied ({code or status})", "check the credentials and their role")
+    if type(exc).__name__ in ("ServiceRequestError", "ClientConnectorError", "ConnectionError", "TimeoutError"):
+        return Unreachable(where, f"{url}: cannot be reached ({text.splitlines()[0][:120]})", "check the network")
     return UserError(where, f"{url}: {text}".splitlines()[0])
 
 
@@ -109,6 +111,9 @@ class Remote:
 
     def read_bytes(self, relative: str) -> bytes:
         return self._call(relative, self.fs.cat_file, self.path(relative))
+
+    def remove(self, relative: str) -> None:
+        self._call(relative, self.fs.rm, self.path(relative))
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         self._call(relative, self.fs.pipe_file, self.path(relative), data)

@@ -29,6 +29,7 @@ os.environ["OLIVE_GROVE_LOCAL_CACHE"] = str(_SESSION_HOME / "olive-grove-local")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # as grove sets it: transformers' "Loading weights" bars
 
 import pytest  # noqa: E402
 from prefect.logging.configuration import setup_logging  # noqa: E402

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,8 +23,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"  # setuptools builds in the tree: build from a copy, leave the checkout clean
+    shutil.copytree(
+        REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "build", "*.egg-info")
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root, REPO_ROOT],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root, source],
         check=True,
         capture_output=True,
     )

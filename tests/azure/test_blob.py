@@ -162,3 +162,23 @@ def test_storage_mistakes_are_one_line_naming_the_uri(tmp_path, tiny_phi3, azure
     assert expected.format(data=data) in result.errors[0]
     assert "Traceback" not in result.err
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_shared_result_is_computed_again_and_shared_whole(tmp_path, tiny_phi3, azure_storage, monkeypatch,
+                                                                    caplog):  # fmt: skip
+    fs = azure_storage.filesystem
+    cache = azure_storage.container("shared-cache")
+    passes = {name: tiny_run_config(tiny_phi3)["passes"][name] for name in ("lora", "merge")}
+    config = write_project(tmp_path, tiny_run_config(tiny_phi3, passes, cache_dir=f"az://{cache}/olive"))
+    for machine in ("a", "b", "c"):
+        monkeypatch.setenv("OLIVE_GROVE_LOCAL_CACHE", str(tmp_path / f"machine-{machine}"))
+        result = grove("run", "--config", config)
+        assert result.rc == 0, result.err[-3000:]
+        if machine == "a":  # then someone damages the shared merged model
+            [weights] = fs.glob(f"{cache}/olive/steps/merge_adapter/*/model.safetensors")
+            fs.pipe_file(weights, b"\0" * 1000)
+        elif machine == "b":
+            assert read_report(config)["cached_steps"] == ["lora/dataset", "lora"]
+            assert "the shared result" in caplog.text and "is damaged" in caplog.text
+    assert read_report(config)["cached_steps"] == ["lora/dataset", "lora", "merge"]  # machine c: shared whole again
+    assert fs.size(weights) > 1000

@@ -77,11 +77,10 @@ def _drop_pass(name: str) -> Edit:
 TEXT = "data_configs/0/pre_process_data_config"
 BAD_INPUTS = {
     "wrong-type": (_set("passes/lora/r", "sixteen"), False,
-                   "passes.lora.r: Input should be a valid integer, unable to parse string as an integer "
+                   "passes.lora.r: Input should be a valid integer "
                    "(got 'sixteen')"),
     "wrong-type-nested": (_set("passes/lora/config/lora_r", "sixteen"), True,
-                          "passes.lora.config.lora_r: Input should be a valid integer, unable to parse string as "
-                          "an integer (got 'sixteen')"),
+                          "passes.lora.config.lora_r: Input should be a valid integer (got 'sixteen')"),
     "unknown-key-nested": (_set("passes/lora/config/lora_rr", 8), True,
                            "passes.lora.config.lora_rr: unknown key (did you mean 'lora_r'?)"),
     "unknown-key-flat": (_set("passes/lora/lora_rr", 8), False,
@@ -116,14 +115,14 @@ BAD_INPUTS = {
                               "passes.lora.target_modules.q_projj: is not a linear layer of this model "
                               "(did you mean 'qkv_proj'?)"),
     "merge-without-adapter": (_drop_pass("lora"), False,
-                              "passes.merge: MergeAdapterWeights takes an adapter, and input_model leaves a model "
+                              "passes.merge: MergeAdapterWeights cannot follow input_model, which leaves a model "
                               "(put LoRA or QLoRA before it, or set input_model.adapter_path)"),
     "builder-after-lora-without-merge": (_drop_pass("merge"), False,
-                                         "passes.builder: ModelBuilder takes a model, and passes.lora leaves an "
+                                         "passes.builder: ModelBuilder cannot follow passes.lora, which leaves an "
                                          "adapter (put MergeAdapterWeights before it)"),
     "pass-after-builder": (_set("passes/later", {"type": "MergeAdapterWeights"}), False,
-                           "passes.later: MergeAdapterWeights takes an adapter, and passes.builder leaves an ONNX "
-                           "model (nothing takes an ONNX model: put passes.builder last)"),
+                           "passes.later: MergeAdapterWeights cannot follow passes.builder, which leaves an ONNX "
+                           "model (put passes.builder after it)"),
     "unknown-host": (_set("host", "local_sytem"), False,
                      "host: no systems entry named 'local_sytem' (did you mean 'local_system'?)"),
     "unknown-execution-provider": (
@@ -146,6 +145,9 @@ BAD_INPUTS = {
     "unreadable-data": (lambda cfg: cfg["data_configs"][0]["load_dataset_config"].update(data_files="data/bad.json"),
                         False, "data_configs[0].load_dataset_config: could not load the dataset"),
 }  # fmt: skip
+
+
+UNREACHABLE = {"remote-cache-no-credentials"}
 
 
 def _bad_project(root: Path, model: Path, edit: Edit, in_nested_form: bool) -> Path:
@@ -176,9 +178,12 @@ def test_bad_input_is_one_error_line_and_exit_2(case: str, tmp_path: Path, tiny_
     cfg_path = _bad_project(tmp_path, tiny_phi3, edit, in_nested_form)
     result = grove("run", "--config", cfg_path)
     _assert_one_error_and_nothing_written(result, tmp_path, expected)
-    # validate says the same thing.
+    # validate says the same thing; what cannot be reached from here is a warning there, not a mistake.
     again = grove("validate", "--config", cfg_path)
-    assert (again.rc, again.errors) == (2, result.errors)
+    if case in UNREACHABLE:
+        assert again.rc == 0 and f"warning: not checked here: {result.errors[0].removeprefix('error: ')}" in again.err
+    else:
+        assert (again.rc, again.errors) == (2, result.errors)
 
 
 def test_padding_needs_an_attention_mask(tmp_path: Path, tiny_phi3: Path):

@@ -341,3 +341,44 @@ def test_a_damaged_cache_entry_is_computed_again_not_published(tiny_llama: Path,
     assert read_report(config)["cached_steps"] == ["lora/dataset"]
     assert why in caplog.text and "is damaged" in caplog.text  # the run log says why it trained again
     assert (first.output_dir / "adapter" / "adapter_model.safetensors").read_bytes() == published
+
+
+def _entry(root: Path, step: str) -> Path:
+    [folder] = [p for p in (root / "cache" / "steps" / step).iterdir() if not p.name.endswith(".work")]
+    return folder
+
+
+def test_a_damaged_folder_whose_record_is_gone_is_not_published(tiny_llama: Path, tmp_path: Path):
+    config = write_project(tmp_path, tiny_run_config(tiny_llama, llama_passes("lora", "merge")))
+    first = run(config)
+    merged = _entry(tmp_path, "merge_adapter")
+    (tmp_path / "cache" / "results" / merged.name).unlink()
+    (merged / "model.safetensors").write_bytes(b"\0" * 1000)
+    shutil.rmtree(first.output_dir)
+    again = run(config)
+    assert "merge" not in again.report["cached_steps"]
+    weights = again.output_dir / "merged" / "model.safetensors"
+    assert weights.stat().st_size > 1000 and grove("infer", weights.parent, "--prompt", "hi").rc == 0
+
+
+def test_a_file_where_a_step_folder_should_be_is_replaced(tiny_llama: Path, tmp_path: Path):
+    config = write_project(tmp_path, tiny_run_config(tiny_llama, llama_passes("lora", "merge")))
+    run(config)
+    merged = _entry(tmp_path, "merge_adapter")
+    shutil.rmtree(merged)
+    merged.write_text("junk")
+    for _ in range(2):  # the first re-run repairs the entry, the second reuses it
+        done = run(config)
+    assert done.report["cached_steps"] == ["lora/dataset", "lora", "merge"]
+    assert _entry(tmp_path, "merge_adapter").is_dir()
+
+
+def test_two_modelbuilder_passes_build_the_same_model_twice(tiny_llama: Path, tmp_path: Path):
+    passes = {**llama_passes("lora", "merge"), "int4": {"type": "ModelBuilder", "precision": "int4"},
+              "fp32": {"type": "ModelBuilder", "precision": "fp32"}}  # fmt: skip
+    done = run(write_project(tmp_path, tiny_run_config(tiny_llama, passes)))
+    assert list(done.report["outputs"]) == ["adapter", "merged", "onnx/int4-cpu", "onnx/fp32-cpu"]
+    for folder in ("int4-cpu", "fp32-cpu"):
+        assert (done.output_dir / "onnx" / folder / "model.onnx").is_file()
+    # The report names every step's files where they are.
+    assert all(Path(s["path"]).is_absolute() and Path(s["path"]).exists() for s in done.report["steps"])

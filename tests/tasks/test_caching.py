@@ -243,3 +243,34 @@ def test_a_live_holders_lock_is_held(tmp_path: Path):
     assert not other.acquire_lock("k", holder="other-run", acquire_timeout=0.5)
     mine.release_lock("k", holder="this-run")
     assert not other.is_locked("k")
+
+
+def test_a_copy_without_its_times_is_hashed_once_then_trusted(tmp_path: Path, monkeypatch):
+    """cp -r gives every file a new mtime: the first hit hashes the big ones, later hits need not."""
+    monkeypatch.setattr("olive_grove.tasks.caching.HASHED_ON_EVERY_HIT", 10)
+    final = _published(tmp_path, {"model.safetensors": b"a" * 100})
+    os.utime(final / "model.safetensors", ns=(1, 1))
+    hashed = []
+    monkeypatch.setattr("olive_grove.tasks.caching.hash_file", lambda path: hashed.append(path) or _hash(path))
+    assert damage(final) is None and damage(final) is None
+    assert len(hashed) == 1
+
+
+def _hash(path: Path) -> str:
+    from olive_grove.tasks.files import hash_file
+
+    return hash_file(path)
+
+
+def test_an_added_file_or_a_file_instead_of_the_folder_is_damage(tmp_path: Path):
+    final = _published(tmp_path, {"adapter_model.safetensors": b"w" * 10})
+    (final / "notes.txt").write_text("added later")
+    assert damage(final) == "notes.txt was added since it was cached"
+    import shutil
+
+    shutil.rmtree(final)
+    final.write_text("junk")
+    assert damage(final) == "it is not a folder"
+    [entry] = list_cache(tmp_path)  # listed, so `grove cache verify` and `prune` see it
+    remove_entry(entry)
+    assert not final.exists()
