@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import GUIDE_ARGS, phi3_mini_config
-from olive_grove.tasks.adapters import LoRASettings, train_adapter
+from olive_grove.tasks.adapter_settings import LoRASettings
+from olive_grove.tasks.adapters import train_adapter
 from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, TrainingProgress
 from olive_grove.tasks.data import DatasetInfo
 from olive_grove.tasks.models import ModelInfo

@@ -28,7 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, make_trainer
+from olive_grove.tasks.adapter_settings import LoRASettings, QLoRASettings
+from olive_grove.tasks.adapters import make_trainer
 from olive_grove.tasks.artifact import Reporter
 from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.data import pack_rows
@@ -162,7 +163,7 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
                             target_modules=["qkv_proj", "o_proj"])  # fmt: skip
     meter = Meter(warmup)
     trainer = Trainer(
-        model=get_peft_model(model, settings.peft_config()),
+        model=get_peft_model(model, settings.peft_config(settings.target_modules)),
         args=TrainingArguments(
             output_dir=str(out),
             max_steps=steps,
@@ -192,7 +193,7 @@ def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_
     from peft import get_peft_model
 
     model.config.use_cache = False
-    peft_model = get_peft_model(model, settings.peft_config())
+    peft_model = get_peft_model(model, settings.peft_config(settings.target_modules))
     trainer = make_trainer(settings, peft_model, 0, as_dataset(data), None, out, Placement(), IndentedReporter())
     trainer.data_collator = meter.collator(trainer.data_collator)
     trainer.add_callback(meter.callback())

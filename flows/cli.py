@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -79,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompts-file", type=Path, help="one prompt per line, plain or a JSON string")
     sub.add_argument("--max-new-tokens", type=_positive, default=32)
     sub.add_argument("--base", help="base model of an adapter, if its adapter_config.json names none")
+    sub.add_argument("--adapter", help="an ONNX model's adapter (adapters/NAME.onnx_adapter) to generate with")
 
     sub = command("init", cmd_init, "lay out a project like Olive's E2E sample, with a config in it")
     sub.add_argument("dir", type=Path)
@@ -141,9 +143,12 @@ def _positive(text: str) -> int:
 
 def _days(text: str) -> float:
     try:
-        return float(text)
+        days = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+        days = math.nan
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of days, 0 or more, got {text!r}")
+    return days
 
 
 def checked_config(args: argparse.Namespace, unchecked: list[UserError] | None = None):
@@ -332,10 +337,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.prompts_file:
         if not args.prompts_file.is_file():
             raise UserError(str(args.prompts_file), "no such file")
-        prompts = [_prompt(line) for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(str(args.prompts_file), "is not UTF-8 text", "save it as UTF-8") from None
+        prompts = [_prompt(line) for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(str(args.prompts_file), "holds no prompt", "one prompt per line")
     else:
         prompts = [args.prompt]
-    for prompt, text in zip(prompts, generate(args.model, prompts, args.max_new_tokens, args.base)):
+    for prompt, text in zip(prompts, generate(args.model, prompts, args.max_new_tokens, args.base, args.adapter)):
         print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
     return 0
 

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from olive_grove.flows.config_file import apply_overrides, read_config_file
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
-from olive_grove.tasks.artifact import Settings
+from olive_grove.tasks.artifact import NO_EVALUATORS, Settings, no_effect
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
 from olive_grove.tasks.errors import UserError, UserErrors, nearest, shown
 from olive_grove.tasks.models import ModelSource
 from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
-from olive_grove.tasks.passes import PASS_TYPES, Output
+from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, MERGE_ADAPTER, PASS_TYPES, Output
 
 AnyPass = Annotated[Union[tuple(t.settings for t in PASS_TYPES.values())], Field(discriminator="type")]  # noqa: UP007
 AZURE_PROTOCOLS = {"az", "abfs", "abfss"}
 DESCRIBED: dict[Output, str] = {"model": "a model", "adapter": "an adapter", "onnx": "an ONNX model"}
-
-
-def no_effect(why: str = "") -> Any:
-    """A key Olive has that changes nothing here: accepted whatever its value, and named once in the log."""
-    return Field(None, json_schema_extra={"no_effect": why})
 
 
 class LoadKwargs(Settings):
@@ -51,6 +47,8 @@ class InputModel(Settings):
     load_kwargs: LoadKwargs = Field(default_factory=LoadKwargs)
     adapter_path: str | None = Field(None, description="a trained PEFT adapter to merge or build from")
     model_file_format: Any = no_effect()
+    generative: Any = no_effect("olive-grove fine-tunes generative models")
+    model_attributes: Any = no_effect("transformers reads the model's own config")
 
     @model_validator(mode="after")
     def _registry(self) -> InputModel:
@@ -85,6 +83,11 @@ class InputModel(Settings):
 class Accelerator(Settings):
     device: Literal["cpu", "gpu", "npu"] = "cpu"
     execution_providers: list[str] | None = None
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # Olive's configs write "GPU"
 
 
 POOL_DECIDES = "the work pool's job template decides where and how the flow runs"
@@ -136,8 +139,12 @@ class EngineConfig(Settings):
     output_name: Any = no_effect()
     plot_pareto_frontier: Any = no_effect()
     no_artifacts: Any = no_effect()
-    evaluator: Any = no_effect()
+    evaluator: Any = no_effect(NO_EVALUATORS)
     ort_log_severity_level: Any = no_effect()
+    ort_py_log_severity_level: Any = no_effect()
+    log_to_file: Any = no_effect("the run's log is kept by Prefect (grove run prints it, the UI shows it)")
+    cache_config: Any = no_effect("engine.cache_dir says where steps are cached")
+    enable_shared_cache: Any = no_effect("a cache_dir URL is shared by every machine that runs the config")
 
 
 class RunConfig(Settings):
@@ -151,6 +158,9 @@ class RunConfig(Settings):
     systems: dict[str, SystemConfig] = Field(default_factory=dict)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     azureml_client: AzureMLClient | None = None
+    evaluators: Any = no_effect(NO_EVALUATORS)
+    workflow_id: Any = no_effect("each run is a Prefect flow run with its own id")
+    auto_optimizer_config: Any = no_effect("every pass runs as configured")
 
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
@@ -191,28 +201,68 @@ class RunConfig(Settings):
     def model_source(self) -> ModelSource:
         return self.input_model.source(self.azureml_client)
 
+    def output_folders(self) -> dict[str, str]:
+        """Each pass's folder in engine.output_dir: `adapter/` (`adapters/<pass>/` when there are several),
+        `merged/`, `onnx/<precision>-<provider>/`; a pass with none refines the one before it."""
+        folders: dict[str, str] = {}
+        for name, settings in self.passes.items():
+            folders[name] = PASS_TYPES[settings.type].output(settings) or folders.get(_previous(folders), "")
+        adapters = [name for name, folder in folders.items() if folder == "adapter"]
+        if len(adapters) > 1:
+            folders.update({name: f"adapters/{name}" for name in adapters})
+        return folders
+
     def data_where(self, name: str) -> str:
         """The config path of the named data config."""
         return f"data_configs[{[d.name for d in self.data_configs].index(name)}]"
 
 
+def _previous(folders: dict[str, str]) -> str:
+    return next(reversed(folders), "")
+
+
 def check_pass_order(cfg: RunConfig) -> None:
-    """Each pass must be able to take what the one before it leaves (the table's `after`)."""
+    """Each pass must be able to take what the one before it leaves (the table's `after`), and what it takes
+    must be there: one adapter to merge, LoRA adapters for ModelBuilder to build, LoRA layers to extract."""
     previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
     before = "input_model"
+    pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []  # adapters not merged
+    built_with_adapter = False
     for name, settings in cfg.passes.items():
-        entry = PASS_TYPES[settings.type]
+        entry, where = PASS_TYPES[settings.type], f"passes.{name}"
         if previous not in entry.after:
             problem = f"{entry.name} cannot follow {before}, which leaves {DESCRIBED[previous]}"
-            raise UserError(f"passes.{name}", problem, _order_hint(entry.after, previous, before))
-        previous, before = entry.gives, f"passes.{name}"
+            raise UserError(where, problem, _order_hint(entry.after, previous, before))
+        if entry.step is MERGE_ADAPTER and len(pending) > 1:
+            raise UserError(where, f"merges one adapter, and {', '.join(pending)} each left one",
+                            "merge each adapter before the next adapter pass")  # fmt: skip
+        if entry.step is BUILD_ONNX_MODEL and pending:
+            unbuildable = [p for p in pending if p in cfg.passes and not _lora_kind(cfg.passes[p])]
+            if unbuildable:
+                kind = cfg.passes[unbuildable[0]].type
+                problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
+                raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
+            built_with_adapter = True
+        if entry.step is EXTRACT_ADAPTERS and not built_with_adapter:
+            raise UserError(where, "has no LoRA layers to extract: ModelBuilder built the model without an adapter",
+                            "put the LoRA passes before ModelBuilder, without a merge between")  # fmt: skip
+        if entry.gives == "adapter":
+            pending.append(name)
+        elif entry.gives == "model":
+            pending = []
+        previous, before = entry.gives, where
+
+
+def _lora_kind(settings: Any) -> bool:
+    """An adapter ModelBuilder can build unmerged: plain LoRA (QLoRA's too), not DoRA, LoftQ, LoHa, LoKr."""
+    return settings.type in ("LoRA", "QLoRA") and not getattr(settings, "use_dora", False)
 
 
 def _order_hint(wanted: frozenset[Output], previous: Output, before: str) -> str:
-    bridges = sorted(t.name for t in PASS_TYPES.values() if previous in t.after and t.gives in wanted)
+    bridges = [t.name for t in PASS_TYPES.values() if previous in t.after and t.gives in wanted]
     if not bridges:
         return f"put {before} after it"
-    hint = f"put {' or '.join(bridges)} before it"
+    hint = f"put {bridges[0]} before it" if len(bridges) == 1 else f"put one of {', '.join(bridges)} before it"
     return hint + ", or set input_model.adapter_path" if before == "input_model" and "adapter" in wanted else hint
 
 
@@ -229,9 +279,10 @@ def load_run_config(
     training pass — what the Prefect UI's run form sets without knowing the pass names.
     """
     path = Path(path)
-    normalised = normalise(read_config_file(path), set(EngineConfig.model_fields))
-    raw = normalised.config
     engine_keys = set(EngineConfig.model_fields)
+    normalised = normalise(read_config_file(path), engine_keys, set(PASS_TYPES))
+    raw = normalised.config
+    check_pass_types(raw, normalised)
     # The flat form's top-level engine keys work in --set too: cache_dir=... is engine.cache_dir=...
     apply_overrides(
         raw, [f"engine.{o}" if o.split(".")[0].split("=")[0] in engine_keys else o for o in overrides or []]
@@ -250,12 +301,29 @@ def load_run_config(
     except ValidationError as exc:
         raise UserErrors(_user_errors(exc, normalised)) from None
     cfg._origins = normalised.origins
-    resolve_paths(cfg, path.resolve().parent)
+    resolve_paths(cfg, Path(os.path.abspath(path)).parent)  # a symlinked config reads beside the link
     try:
         resolve_execution_providers(cfg)
     except UserError as exc:
         raise cfg.user_error(exc) from None
     return cfg, normalised.notes + [normalised.user_path(key) + note for key, note in no_effect_notes(cfg)]
+
+
+def check_pass_types(raw: dict[str, Any], normalised: Normalised) -> None:
+    """A config with passes olive-grove does not run fails on that first, naming them all."""
+    passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
+    others = {n: p["type"] for n, p in passes.items() if isinstance(p, dict) and isinstance(p.get("type"), str)
+              and p["type"] not in PASS_TYPES}  # fmt: skip
+    if not others:
+        return
+    supported = f"olive-grove runs {', '.join(PASS_TYPES)}"
+    if len(others) == 1:
+        [(name, kind)] = others.items()
+        close = nearest(kind, PASS_TYPES)
+        hint = close if close.startswith("did you mean") else supported
+        raise UserError(normalised.user_path(f"passes.{name}.type"), f"olive-grove does not run {kind!r} passes", hint)
+    listed = ", ".join(f"{name} ({kind})" for name, kind in others.items())
+    raise UserError("passes", f"olive-grove does not run {listed}", supported)
 
 
 def select_passes(all_passes: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -274,30 +342,40 @@ def select_passes(all_passes: dict[str, Any], names: list[str]) -> dict[str, Any
 
 
 def resolve_paths(cfg: RunConfig, base: Path) -> None:
-    """Relative paths are read from the config file's folder, so a run works from any directory."""
+    """Relative paths are read from the config file's folder, so a run works from any directory; `~` and
+    `$VARIABLES` are expanded, as a shell would."""
 
     def local(value: str) -> str:
-        return value if "://" in value or Path(value).is_absolute() else str((base / value).resolve())
+        if "://" in value:
+            return value
+        value = os.path.expandvars(os.path.expanduser(value))
+        return value if Path(value).is_absolute() else os.path.normpath(base / value)
 
     for data in cfg.data_configs:
-        files = data.load_dataset_config.data_files
+        load = data.load_dataset_config
+        files = load.data_files
+        if load.data_dir:
+            load.data_dir = local(load.data_dir)
         if isinstance(files, AzureMLDatastore):
             continue
         if isinstance(files, str):
-            data.load_dataset_config.data_files = local(files)
+            load.data_files = local(files)
         elif isinstance(files, list):
-            data.load_dataset_config.data_files = [local(f) for f in files]
+            load.data_files = [local(f) for f in files]
         elif isinstance(files, dict):
-            data.load_dataset_config.data_files = {
-                k: local(v) if isinstance(v, str) else [local(f) for f in v] for k, v in files.items()
-            }
+            load.data_files = {k: local(v) if isinstance(v, str) else [local(f) for f in v] for k, v in files.items()}
     model_path = cfg.input_model.model_path
-    if isinstance(model_path, str) and (base / model_path).is_dir():
+    if isinstance(model_path, str) and (_looks_local(model_path) or (base / local(model_path)).exists()):
         cfg.input_model.model_path = local(model_path)
     if cfg.input_model.adapter_path:
         cfg.input_model.adapter_path = local(cfg.input_model.adapter_path)
     for key in ("cache_dir", "output_dir"):
         setattr(cfg.engine, key, local(getattr(cfg.engine, key)))
+
+
+def _looks_local(path: str) -> bool:
+    """A model_path no hub id could be: `./x`, `../x`, `~/x`, `/x`, `$VAR/x`, or more than org/name."""
+    return path.startswith((".", "/", "~", "$")) or path.count("/") > 1 or "\\" in path
 
 
 def resolve_execution_providers(cfg: RunConfig) -> None:
@@ -311,13 +389,12 @@ def resolve_execution_providers(cfg: RunConfig) -> None:
         default = _run_execution_provider(cfg)
         for settings in builders:
             settings.execution_provider = settings.execution_provider or default
-    outputs: dict[str, str] = {}
-    for name, settings in cfg.passes.items():
-        folder = PASS_TYPES[settings.type].output(settings)
-        if folder in outputs:
-            raise UserError(f"passes.{name}", f"writes {folder}, as passes.{outputs[folder]} does",
+    writers: dict[str, str] = {}
+    for name, folder in cfg.output_folders().items():
+        if folder in writers and cfg.passes[name].type != "ExtractAdapters":
+            raise UserError(f"passes.{name}", f"writes {folder}, as passes.{writers[folder]} does",
                             "give it another precision or execution_provider")  # fmt: skip
-        outputs[folder] = name
+        writers[folder] = name
 
 
 def _run_execution_provider(cfg: RunConfig) -> str:
@@ -393,7 +470,9 @@ _UNION_TAGS = {*PASS_TYPES, "Accelerator", "AzureMLDatastore", "str", "int", "fl
 
 
 def _is_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith(("literal", "constrained-")))
+    return isinstance(part, str) and (
+        part in _UNION_TAGS or "[" in part or part.startswith(("literal", "constrained-"))
+    )
 
 
 def _dotted(loc: list[Any]) -> str:

@@ -39,8 +39,11 @@ class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, keeping note of keys given twice."""
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
-        self.flatten_mapping(node)
-        return _mapping([(self.construct_object(k, deep), self.construct_object(v, deep)) for k, v in node.value])
+        explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        self.flatten_mapping(node)  # `<<: *defaults` first, then the mapping's own keys, which win
+        merged = [(self.construct_object(k, deep), self.construct_object(v, deep)) for k, v in node.value]
+        mapping = _mapping(merged[len(node.value) - len(explicit) :])
+        return {**dict(merged), **mapping} if not isinstance(mapping, _KeyedTwice) else mapping
 
 
 _Loader.add_constructor(
@@ -51,13 +54,15 @@ _Loader.add_constructor(
 def read_config_file(path: Path) -> dict[str, Any]:
     """The file's mapping: JSON by the `.json` suffix, else YAML; one error per problem found in it."""
     where = str(path)
+    if path.is_dir():
+        raise UserError(where, "is a folder, not a config file", "give the JSON or YAML file inside it")
     if not path.is_file():
         raise UserError(where, "no such config file")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise UserError(where, f"is {size:,} bytes; a run config is at most {MAX_CONFIG_BYTES:,}", "is this a config?")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # Notepad starts UTF-8 files with a BOM
     except UnicodeDecodeError as exc:
         raise UserError(where, f"is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
                         "save it as UTF-8") from None  # fmt: skip
@@ -71,7 +76,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
     errors = value_errors(raw, "")
     if errors:
         raise UserErrors([e if e.where else UserError(where, e.problem, e.hint) for e in errors])
-    return raw
+    return _unshared(raw)
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which YAML aliases are copies too: `--set` on one place changes that place only."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    return [_unshared(v) for v in node] if isinstance(node, list) else node
 
 
 def value_errors(root: Any, where: str) -> list[UserError]:
@@ -145,8 +157,10 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
             node = _child(node, part, where)
         if isinstance(node, list):
             node[_index(node, leaf, where)] = value
-        else:
+        elif isinstance(node, dict):
             node[leaf] = value
+        else:
+            raise UserError(where, f"'{parts[-2]}' is a value, not a section")
 
 
 def _mentions(value: Any, key: str) -> bool:

@@ -86,23 +86,30 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
     """One step per pass, in the config's order (plus the dataset steps a pass asks for); returns the
     outputs by their folder in engine.output_dir, and a record per step."""
     steps = StepRunner(cfg, ctx)
-    upstream: dict[str, Artifact | None] = {"model": steps.fingerprint(), "adapter": input_adapter(cfg)}
+    given = input_adapter(cfg)
+    adapters: dict[str, Artifact] = {Path(cfg.input_model.adapter_path).name: given} if given else {}
+    upstream: dict[str, Any] = {"model": steps.fingerprint(), "onnx": None}
     data_configs = {d.name: d for d in cfg.data_configs}
     used = {n for settings in cfg.passes.values() for n in settings.data_config_names().values()}
     fingerprints = {name: fingerprint_data(data_configs[name]) for name in used}
+    folders = cfg.output_folders()
     outputs: dict[str, Artifact] = {}
     for name, settings in cfg.passes.items():
         entry = PASS_TYPES[settings.type]
+        upstream.update(adapter=next(iter(adapters.values()), None), adapters=dict(adapters))
         inputs = {key: upstream[key] for key in entry.takes}
         for arg, dataset in settings.datasets(data_configs, fingerprints).items():
             where = {"data": cfg.data_where(dataset.data.name), "": f"passes.{name}"}
             label = f"{name}/{arg.replace('_', '-')}"
             inputs[arg] = steps.run(PREPARE_DATASET, dataset, label, where, model=upstream["model"])
         artifact = steps.run(entry.step, settings, name, {"": f"passes.{name}"}, **inputs)
-        upstream[entry.gives] = artifact
+        if entry.gives == "adapter":
+            adapters[name] = artifact
+        else:
+            upstream[entry.gives] = artifact
         if entry.gives == "model":  # the adapter is in the model now
-            upstream["adapter"] = None
-        outputs[entry.output(settings)] = artifact
+            adapters = {}
+        outputs[folders[name]] = artifact
     return outputs, steps.record
 
 

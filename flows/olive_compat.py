@@ -10,7 +10,19 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from olive_grove.tasks.errors import UserError
+
 QLORA_ONLY_KEYS = ("double_quant", "quant_type", "compute_dtype")
+UNQUANTIZED_ADAPTERS = {"LoRA", "DoRA", "LoHa", "LoKr"}
+# TrainingArguments Olive lets a config set that olive-grove decides itself: accepted, and named once.
+OLIVE_OWNED_TRAINING_ARGS = {
+    "output_dir": "checkpoints go to the step's cache folder, outputs to engine.output_dir",
+    "overwrite_output_dir": "a changed step trains in a folder of its own",
+    "resume_from_checkpoint": "a step that stopped resumes from its last checkpoint by itself",
+    "report_to": "progress goes to the Prefect run",
+    "deepspeed": "several GPUs train data-parallel (the pass's processes setting)",
+    "remove_unused_columns": "the dataset step keeps only the columns training reads",
+}
 # Olive's older names for keys that current Olive (and olive-grove) call otherwise.
 RENAMED_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "corpus_strategy": "strategy", "source_max_len": "max_seq_len"}
 LEGACY_TRAINING_ARGS = {
@@ -33,8 +45,9 @@ class Normalised:
         return path
 
 
-def normalise(raw: dict[str, Any], engine_keys: set[str]) -> Normalised:
-    """Our form of `raw`; the flat form's top-level `engine_keys` (host, cache_dir, ...) move under `engine`."""
+def normalise(raw: dict[str, Any], engine_keys: set[str], pass_types: set[str]) -> Normalised:
+    """Our form of `raw`: the flat form's top-level `engine_keys` (host, cache_dir, ...) move under `engine`,
+    and pass types are spelt as `pass_types` spells them (Olive matches them without case)."""
     out = Normalised(copy.deepcopy(raw))
     cfg = out.config
     _lift_engine(cfg, engine_keys, out)
@@ -57,6 +70,7 @@ def normalise(raw: dict[str, Any], engine_keys: set[str]) -> Normalised:
     for name, pass_cfg in _entries(cfg.get("passes")):
         if isinstance(pass_cfg, dict):
             _unwrap_config(pass_cfg, f"passes.{name}", out)
+            _pass_type(pass_cfg, pass_types)
             _rename_keys(pass_cfg, f"passes.{name}", out)
             _training_args(pass_cfg, f"passes.{name}", out)
             _quant_keys_on_lora(pass_cfg, f"passes.{name}", out)
@@ -65,14 +79,25 @@ def normalise(raw: dict[str, Any], engine_keys: set[str]) -> Normalised:
 
 def _rename_keys(section: dict[str, Any], path: str, out: Normalised) -> None:
     for old, new in RENAMED_KEYS.items():
-        if old in section and new not in section:
+        if old in section and new in section:
+            raise UserError(out.user_path(f"{path}.{old}"), f"is {new} by its older name, and {new} is set too",
+                            "give one of them")  # fmt: skip
+        if old in section:
             section[new] = section.pop(old)
             out.origins[f"{path}.{new}"] = out.user_path(f"{path}.{old}")
 
 
+def _pass_type(pass_cfg: dict[str, Any], pass_types: set[str]) -> None:
+    """`qlora`, `QLoRA` and `olive.passes.QLoRA` are one pass type to Olive."""
+    written = pass_cfg.get("type")
+    if isinstance(written, str):
+        known = {name.lower(): name for name in pass_types}
+        pass_cfg["type"] = known.get(written.rsplit(".", 1)[-1].lower(), written)
+
+
 def _quant_keys_on_lora(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None:
     """The guide sets QLoRA's `double_quant` on a LoRA pass too; Olive ignored it there, and so do we."""
-    if pass_cfg.get("type") != "LoRA":
+    if not isinstance(pass_cfg.get("type"), str) or pass_cfg["type"] not in UNQUANTIZED_ADAPTERS:
         return
     for key in QLORA_ONLY_KEYS:
         if key in pass_cfg:
@@ -92,6 +117,11 @@ def _lift_engine(cfg: dict[str, Any], engine_keys: set[str], out: Normalised) ->
     for key in sorted(engine_keys & cfg.keys()):
         engine[key] = cfg.pop(key)
         out.origins[f"engine.{key}"] = key
+    for key in ("host", "target"):  # Olive lets the engine name a system or describe it in place
+        if isinstance(engine.get(key), dict) and isinstance(cfg.setdefault("systems", {}), dict):
+            name = f"{key}_system" if f"{key}_system" not in cfg["systems"] else f"engine_{key}"
+            cfg["systems"][name], engine[key] = engine[key], name
+            out.origins[f"systems.{name}"] = out.origins.get(f"engine.{key}", f"engine.{key}")
 
 
 def _unwrap_config(section: dict[str, Any], path: str, out: Normalised) -> None:
@@ -119,6 +149,9 @@ def _input_model(model: dict[str, Any], out: Normalised) -> None:
     if not isinstance(hf_config, dict):
         if hf_config is not None:
             model["hf_config"] = hf_config  # let validation report the wrong type
+        elif model.get("type") == "PyTorchModel" and isinstance(model.get("model_path"), str):
+            model["type"] = "HfModel"  # Olive's older examples name a Hugging Face model this way
+            out.notes.append("input_model.type PyTorchModel with a Hugging Face model_path is read as HfModel")
         return
     origin = out.origins.get("input_model.hf_config", "input_model.hf_config")
     if "model_name" in hf_config:
@@ -147,10 +180,18 @@ def _training_args(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None
     args = pass_cfg.get("training_args")
     if not isinstance(args, dict):
         return
+    ratio = args.get("warmup_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and not 0 <= ratio < 1:
+        raise UserError(out.user_path(f"{path}.training_args.warmup_ratio"), f"must be at least 0 and below 1 "
+                        f"(got {ratio})", "a fraction of the training steps")  # fmt: skip
     for old, new in LEGACY_TRAINING_ARGS.items():
         if old in args:
             args[new] = args.pop(old)
             out.notes.append(f"{path}.training_args.{old} is read as {new}")
+    for key, why in OLIVE_OWNED_TRAINING_ARGS.items():
+        if key in args:
+            args.pop(key)
+            out.notes.append(f"{path}.training_args.{key} has no effect in olive-grove: {why}")
     if "group_by_length" in args:  # transformers 5 replaced the flag with a sampling strategy
         if args.pop("group_by_length"):
             args["train_sampling_strategy"] = "group_by_length"

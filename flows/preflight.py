@@ -69,6 +69,12 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
     facts = ModelFacts(source)
     with located("input_model.model_path"):
         facts.check()
+    longest = facts.max_positions()
+    for data in cfg.data_configs:
+        if data.name in used and longest and data.pre_process_data_config.max_seq_len > longest:
+            raise UserError(f"{cfg.data_where(data.name)}.pre_process_data_config.max_seq_len",
+                            f"{data.pre_process_data_config.max_seq_len} is more than the model's "
+                            f"{longest} positions", f"at most {longest}")  # fmt: skip
     for name, settings in cfg.passes.items():
         with located(f"passes.{name}"):
             settings.check_before_work(facts)
@@ -84,11 +90,18 @@ def check_locations(cfg: RunConfig) -> None:
     for key, place in (("engine.output_dir", output), ("engine.cache_dir", cache)):
         if not is_url(place):
             check_writable_folder(Path(place), key)
-    if not is_url(output) and not is_url(cache) and Path(output) == Path(cache):
-        raise UserError("engine.output_dir", "is the same folder as engine.cache_dir", "give each its own folder")
     if is_url(output):
         return
     replaced = [Path(output) / name for name in PUBLISHED]
+    if not is_url(cache):
+        out, steps = Path(output), Path(cache)
+        if out == steps:
+            raise UserError("engine.output_dir", "is the same folder as engine.cache_dir", "give each its own folder")
+        if steps in out.parents:
+            raise UserError("engine.output_dir", f"{out} is inside engine.cache_dir", "keep outputs out of the cache")
+        if any(steps == r or r in steps.parents for r in replaced):
+            raise UserError("engine.cache_dir", f"{steps} is inside a folder this run's outputs replace",
+                            "keep the cache out of engine.output_dir's adapter/, merged/ and onnx/")  # fmt: skip
     for key, path in _input_paths(cfg):
         if any(path == r or r in path.parents for r in replaced):
             raise UserError(key, f"{path} is inside engine.output_dir, where this run's outputs replace it",

@@ -24,8 +24,19 @@ PROJECT_FOLDERS = {
 
 def init_project(root: Path) -> list[Path]:
     """Create the E2E sample's layout with a runnable config and the tone dataset; never overwrite."""
+    if root.exists() and not root.is_dir():
+        raise UserError(str(root), "is a file", "choose a new folder")
     if root.exists() and any(root.iterdir()):
         raise UserError(str(root), "is not empty", "choose a new folder")
+    try:
+        return _lay_out(root)
+    except OSError as exc:
+        raise UserError(
+            str(root), f"cannot be made here ({exc.strerror}: {exc.filename})", "choose a folder you can write"
+        ) from None
+
+
+def _lay_out(root: Path) -> list[Path]:
     written = []
     for folder, purpose in PROJECT_FOLDERS.items():
         (root / folder).mkdir(parents=True, exist_ok=True)

@@ -1,31 +1,34 @@
-"""Adapter step: train a LoRA or QLoRA adapter with the Hugging Face Trainer and save it in PEFT format.
+"""Adapter step: train a LoRA, DoRA, QLoRA, LoftQ, LoHa or LoKr adapter with the Hugging Face Trainer and save it
+in PEFT format.
 
-Read top to bottom: the pass settings, what the step reports, then the training recipe — data, model,
-adapter, speed-ups, trainer, train, evaluate, save — and the helpers it calls.
+Read top to bottom: what the step reports, then the training recipe — data, model, adapter, speed-ups,
+trainer, train, evaluate, save — and the helpers it calls. What each pass is configured with, and how that
+becomes peft's config and the Trainer's arguments, is in `adapter_settings.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib.metadata
 import json
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo, TrainingProgress
+from olive_grove.tasks.adapter_settings import (
+    AdapterSettings,
+    LoftQSettings,
+    QLoRASettings,
+    check_target_modules,
+)
+from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, StepInfo, TrainingProgress
 from olive_grove.tasks.collate import pad_collator
-from olive_grove.tasks.data import DataConfig, DatasetInfo, DatasetSettings
-from olive_grove.tasks.errors import UserError, nearest, shown
+from olive_grove.tasks.data import DatasetInfo
 from olive_grove.tasks.evaluate import heldout_loss
-from olive_grove.tasks.files import INTERNAL_PREFIX, USER_CACHE, read_memo, write_memo
+from olive_grove.tasks.files import INTERNAL_PREFIX
 from olive_grove.tasks.models import (
-    ModelFacts,
     ModelInfo,
     has_cuda,
     linear_module_names,
@@ -35,234 +38,8 @@ from olive_grove.tasks.models import (
 )
 from olive_grove.tasks.speed import Placement
 
-# Set by the training step itself, so a config may not set them.
-OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
-DTYPES = Literal["bfloat16", "float16", "float32"]
 # Inside the adapter's folder: the samples it was evaluated on, so a merge measures the merged model on them.
 EVAL_SAMPLES = f"{INTERNAL_PREFIX}eval"
-
-
-# ------------------------------------------------------------------------------------------- settings
-
-
-@functools.cache
-def training_arg_names() -> frozenset[str]:
-    """TrainingArguments' fields. Importing it costs seconds (torch, accelerate), so the names are kept
-    per transformers version: validating a config, or re-running a cached one, need not pay for it."""
-    memo = USER_CACHE / f"training-args-{importlib.metadata.version('transformers')}.json"
-    names = read_memo(memo, None)
-    if names is None:
-        from transformers.training_args import TrainingArguments
-
-        names = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-        write_memo(memo, names)
-    return frozenset(names)
-
-
-class LoRASettings(PassSettings):
-    """The LoRA pass (Olive's `LoRA`): the adapter's shape and the Trainer's arguments."""
-
-    type: Literal["LoRA"] = "LoRA"
-    train_data_config: str = Field(description="name of the data config to train on")
-    eval_data_config: str | None = Field(None, description="name of a data config to evaluate on")
-    eval_dataset_size: float | None = Field(
-        None, gt=0, description="hold out this fraction (<1) or count (>=1) of the training samples"
-    )
-    target_modules: list[str] | None = Field(
-        None, min_length=1, description="layer names to adapt; None (left out): the model type's default"
-    )
-    r: int = Field(64, gt=0, description="LoRA rank; at most the model's hidden size")
-    alpha: float = Field(16, gt=0, description="scale = alpha / r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    modules_to_save: list[str] | None = None
-    use_dora: bool = Field(False, description="weight-decomposed LoRA (peft's DoRA)")
-    torch_dtype: DTYPES = Field("bfloat16", description="dtype of the frozen base weights")
-    training_args: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments")
-    fused_kernels: bool = Field(True, description="olive-grove: Liger Kernel's fused layers and loss on CUDA")
-    compile_layers: bool = Field(True, description="olive-grove: torch.compile each decoder layer on CUDA")
-    cuda_graphs: bool = Field(
-        True,
-        description="olive-grove: replay the compiled layers as CUDA graphs (one process, samples of one length, "
-        "no evaluation during training, no gradient checkpointing)",
-    )
-    processes: int | Literal["auto"] = Field(
-        "auto",
-        description="olive-grove: data-parallel training processes, one per GPU; auto: every GPU of the worker",
-    )
-    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
-        "auto",
-        description="olive-grove: samples per forward pass, keeping the effective batch; auto: the most that "
-        "fits on the GPU; null: per_device_train_batch_size as configured",
-    )
-
-    @field_validator("processes")
-    @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise UserError("processes", f"must be at least 1 (got {value})", "or auto: one per GPU")
-        return value
-
-    @field_validator("training_args")
-    @classmethod
-    def _known_training_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        names = training_arg_names()
-        for key in args:
-            if key in OWNED_TRAINING_ARGS:
-                raise UserError(key, "is set by olive-grove", "checkpoints go to the step's cache folder")
-            if key not in names:
-                raise UserError(key, "is not a TrainingArguments field", nearest(key, names))
-        return args
-
-    def cache_view(self) -> dict[str, Any]:
-        """The settings that decide the adapter; the data is in the dataset's fingerprint, not its name."""
-        # `processes` only spreads the same steps over GPUs, like micro_batch_size splits them in time.
-        return self.model_dump(mode="json", exclude={"train_data_config", "eval_data_config", "processes"})
-
-    @property
-    def seed(self) -> int:
-        return int(self.training_args.get("data_seed", self.training_args.get("seed", 42)))
-
-    @property
-    def dtype(self) -> str:
-        """The dtype the adapter is trained in (and, by default, merged in)."""
-        return self.torch_dtype
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.target_modules,
-            modules_to_save=self.modules_to_save,
-            use_dora=self.use_dora,
-            task_type="CAUSAL_LM",
-        )
-
-    def data_config_names(self) -> dict[str, str]:
-        names = {"train_data_config": self.train_data_config, "eval_data_config": self.eval_data_config}
-        return {key: name for key, name in names.items() if name is not None}
-
-    def datasets(self, data_configs: dict[str, DataConfig], fingerprints: dict[str, str]) -> dict[str, DatasetSettings]:
-        """The dataset steps this pass trains and evaluates on, by the name of the step's input."""
-        # Like Olive: an eval_data_config takes precedence over holding out eval_dataset_size.
-        split = None if self.eval_data_config else self.eval_dataset_size
-        wanted = {"dataset": (self.train_data_config, split), "eval_dataset": (self.eval_data_config, None)}
-        return {
-            arg: DatasetSettings(
-                data=data_configs[name],
-                files_fingerprint=fingerprints[name],
-                eval_dataset_size=size,
-                seed=self.seed if size else None,  # it only seeds the split
-            )
-            for arg, (name, size) in wanted.items()
-            if name is not None
-        }
-
-    def check_before_work(self, model: ModelFacts) -> None:
-        """What can be known wrong before training: the Trainer's arguments, the rank, the layers to adapt."""
-        check_training_args(self)
-        hidden = model.hidden_size()
-        if hidden is not None and self.r > hidden:
-            raise UserError("r", f"{self.r} is more than the model's hidden size ({hidden})",
-                            "a LoRA rank is much smaller: 8 to 64 is usual")  # fmt: skip
-        names = model.linear_names() if self.target_modules else None
-        if names is not None:
-            check_target_modules(self, names)
-
-
-class QLoRASettings(LoRASettings):
-    """The QLoRA pass: LoRA on a bitsandbytes 4-bit base."""
-
-    type: Literal["QLoRA"] = "QLoRA"  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = False
-    compute_dtype: DTYPES = "bfloat16"
-    loftq: bool = Field(
-        False, description="olive-grove: start LoRA from LoftQ's fit of the 4-bit error (peft; needs safetensors)"
-    )
-
-    @property
-    def dtype(self) -> str:
-        return self.compute_dtype
-
-    def check_before_work(self, model: ModelFacts) -> None:
-        if self.loftq and not has_cuda():
-            raise UserError(
-                "loftq", "peft's LoftQ initialisation runs on CUDA only", "set loftq: false on a machine without a GPU"
-            )
-        super().check_before_work(model)
-
-
-def check_target_modules(settings: LoRASettings, linear_names: set[str]) -> None:
-    for name in settings.target_modules or []:
-        if name not in linear_names:
-            raise UserError(
-                f"target_modules.{name}", "is not a linear layer of this model", nearest(name, linear_names)
-            )
-
-
-def check_training_args(settings: LoRASettings) -> None:
-    """Check the arguments' types and values before any work; the Trainer would only when it is built."""
-    import typing
-
-    from pydantic import TypeAdapter, ValidationError
-    from transformers.training_args import TrainingArguments
-
-    types = typing.get_type_hints(TrainingArguments)
-    for key, value in settings.training_args.items():
-        try:
-            TypeAdapter(types[key]).validate_python(value, strict=True)  # `true` is no batch size of 1
-        except ValidationError as exc:
-            hint = "YAML reads 2e-4 as text: write 2.0e-4" if isinstance(value, str) and _is_number(value) else ""
-            raise UserError(f"training_args.{key}", f"{exc.errors()[0]['msg']} (got {shown(value)})", hint) from None
-        minimum = TRAINING_ARG_MINIMUMS.get(key)
-        if minimum is not None and isinstance(value, (int, float)) and not _at_least(value, *minimum):
-            bound, inclusive = minimum
-            raise UserError(f"training_args.{key}", f"must be {'at least' if inclusive else 'more than'} {bound} "
-                            f"(got {value!r})")  # fmt: skip
-    steps = settings.training_args.get("max_steps", -1)
-    if steps == 0 or steps < -1:
-        raise UserError("training_args.max_steps", f"must be positive (got {steps})", "or -1: train num_train_epochs")
-    if steps == -1 and settings.training_args.get("num_train_epochs", 3) <= 0:
-        raise UserError("training_args.num_train_epochs", "must be more than 0 when max_steps is not set",
-                        "an untrained adapter is no adapter")  # fmt: skip
-    evaluates = settings.eval_dataset_size is not None or settings.eval_data_config is not None
-    try:
-        trainer_arguments(settings, Path("unused"), has_eval=evaluates)
-    except (ValueError, TypeError) as exc:
-        raise UserError("training_args", " ".join(str(exc).split())[:300]) from None
-
-
-# TrainingArguments that have a smallest sensible value: (bound, whether the bound itself is allowed).
-TRAINING_ARG_MINIMUMS: dict[str, tuple[float, bool]] = {
-    "learning_rate": (0, False),
-    "per_device_train_batch_size": (1, True),
-    "per_device_eval_batch_size": (1, True),
-    "gradient_accumulation_steps": (1, True),
-    "eval_accumulation_steps": (1, True),
-    "logging_steps": (0, False),
-    "save_steps": (0, False),
-    "eval_steps": (0, False),
-    "save_total_limit": (1, True),
-    "warmup_steps": (0, True),
-    "weight_decay": (0, True),
-    "max_grad_norm": (0, True),
-    "adam_epsilon": (0, False),
-}
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _at_least(value: float, bound: float, inclusive: bool) -> bool:
-    return value >= bound if inclusive else value > bound
 
 
 # ------------------------------------------------------------------------------------- what it reports
@@ -285,7 +62,10 @@ class AdapterInfo(StepInfo):
     micro_batch: list[int] | None = Field(None, description="samples per pass x accumulation steps")
     processes: int | None = None
     resumed_from: str | None = None
-    quantization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = Field(None, description="the 4-bit base it was trained on")
+    merge_into: Literal["original", "quantized"] = Field(
+        "original", description="LoftQ's adapter fits the 4-bit base: it merges into that base, dequantized"
+    )
     loss_curve: list[LossPoint] = Field(default_factory=list)
     eval_curve: list[LossPoint] = Field(default_factory=list)
     eval_samples: str | None = Field(None, description="folder of the eval samples, relative to the adapter's")
@@ -295,7 +75,7 @@ class AdapterInfo(StepInfo):
 
 
 def train_adapter(
-    settings: LoRASettings,
+    settings: AdapterSettings,
     files: StepFiles,
     report: Reporter,
     *,
@@ -327,7 +107,7 @@ def train_adapter(
 
 
 def _train_in_this_process(
-    settings: LoRASettings,
+    settings: AdapterSettings,
     files: StepFiles,
     report: Reporter,
     model: Artifact[ModelInfo],
@@ -351,12 +131,11 @@ def _train_in_this_process(
     base = load_base_for_training(settings, model.path, trust, placement)
     base.config.use_cache = False  # a cache makes transformers ignore packed position_ids
     set_seed(int(settings.training_args.get("seed", 42)))
-    peft_model = get_peft_model(base, settings.peft_config())
-    if isinstance(settings, QLoRASettings) and settings.loftq:
-        from peft import replace_lora_weights_loftq
-
-        replace_lora_weights_loftq(peft_model, model_path=model.path)
-        report.log("LoRA weights initialised with LoftQ")
+    layers = settings.layers_to_adapt(base.config.model_type)
+    peft_model = get_peft_model(base, settings.peft_config(layers))
+    if isinstance(settings, LoftQSettings):
+        start_from_loftq(peft_model, Path(model.path))
+        report.log("the adapter starts from LoftQ's fit of the 4-bit error")
 
     # Speed-ups and the trainer, then training: resumed from the newest complete checkpoint.
     checkpoints = files.work / "checkpoints"
@@ -392,6 +171,7 @@ def _train_in_this_process(
     info.micro_batch = [trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps]
     if isinstance(settings, QLoRASettings):
         info.quantization = settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"})
+        info.merge_into = "quantized" if isinstance(settings, LoftQSettings) else "original"
     report.log(f"adapter trained: {info.summary()}")
     return info
 
@@ -399,54 +179,60 @@ def _train_in_this_process(
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def load_base_for_training(settings: LoRASettings, model_path: str, trust_remote_code: bool, placement: Placement):
-    """The frozen base: full precision weights for LoRA, bitsandbytes 4-bit for QLoRA."""
+def load_base_for_training(settings: AdapterSettings, model_path: str, trust_remote_code: bool, placement: Placement):
+    """The frozen base: full precision weights, or bitsandbytes 4-bit for QLoRA and LoftQ."""
     if not isinstance(settings, QLoRASettings):
         return load_causal_lm(model_path, settings.torch_dtype, trust_remote_code)
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=settings.quant_type,
-        bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(settings.compute_dtype),
-    )
     device_map = {"": placement.local_rank} if has_cuda() else {"": "cpu"}  # a GPU per process
-    model = load_causal_lm(model_path, settings.compute_dtype, trust_remote_code, quantization_config=quant,
-                           device_map=device_map)  # fmt: skip
+    model = load_4bit(model_path, settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"}),
+                      trust_remote_code, device_map)  # fmt: skip
     gradient_checkpointing = bool(settings.training_args.get("gradient_checkpointing", False))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def trainer_arguments(settings: LoRASettings, checkpoint_dir: Path, has_eval: bool, placement: Placement | None = None):
-    from transformers import TrainingArguments
+def load_4bit(model_path: str, quantization: dict[str, Any], trust_remote_code: bool, device_map: dict[str, Any]):
+    """A model in bitsandbytes 4-bit, as a QLoRA pass's `quant_type`, `double_quant` and `compute_dtype` say."""
+    from transformers import BitsAndBytesConfig
 
-    args = {
-        "save_strategy": "steps",
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "logging_steps": 10,
-        "ddp_find_unused_parameters": False,  # the frozen base has no gradients to wait for
-        **settings.training_args,
-        "output_dir": str(checkpoint_dir),
-        "report_to": "none",
-        "remove_unused_columns": False,
-    }
-    if not has_eval:
-        args["eval_strategy"] = "no"
-    if not has_cuda():
-        args["use_cpu"] = True
-        args.pop("bf16", None), args.pop("fp16", None)
-    arguments = TrainingArguments(**args)
-    if has_cuda() and (placement or Placement()).world_size == 1:
-        _ = arguments.device  # one process trains on one GPU: several are `processes`' job, not nn.DataParallel's
-        arguments._n_gpu = 1
-    return arguments
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization["quant_type"],
+        bnb_4bit_use_double_quant=quantization["double_quant"],
+        bnb_4bit_compute_dtype=torch_dtype(quantization["compute_dtype"]),
+    )
+    return load_causal_lm(model_path, quantization["compute_dtype"], trust_remote_code, quantization_config=quant,
+                          device_map=device_map)  # fmt: skip
+
+
+def start_from_loftq(peft_model, model_dir: Path) -> None:
+    """LoftQ's start: each adapted 4-bit layer's LoRA weights are the best rank-r fit of what quantization lost
+    (the original weights minus the dequantized 4-bit ones), by SVD.
+
+    peft's replace_lora_weights_loftq does this on CUDA only (its device is fixed); this is the same fit, with
+    peft's own safetensors loader and decomposition, on whatever device the layer is.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+
+    originals = _SafetensorLoader(peft_model, str(model_dir / "model.safetensors"))
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, layer in peft_model.named_modules():
+            if not isinstance(layer, Linear4bit):
+                continue
+            weight = originals.get_tensor(name.removeprefix(prefix) + ".weight").to(layer.weight.device, torch.float32)
+            dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            fit = _low_rank_decomposition(weight - dequantized, reduced_rank=layer.r["default"])
+            layer.lora_A["default"].weight.data = fit["R"].to(layer.lora_A["default"].weight.dtype)
+            layer.lora_B["default"].weight.data = fit["L"].to(layer.lora_B["default"].weight.dtype)
 
 
 def make_trainer(
-    settings: LoRASettings,
+    settings: AdapterSettings,
     peft_model,
     pad_id: int,
     train_set,
@@ -462,7 +248,7 @@ def make_trainer(
     from olive_grove.tasks import speed
 
     lengths = {len(ids) for ids in train_set["input_ids"]}
-    args = trainer_arguments(settings, checkpoint_dir, eval_set is not None, placement)
+    args = settings.trainer_arguments(checkpoint_dir, eval_set is not None, placement)
     layers = speed.layers_to_compile(settings, peft_model)
     chosen = speed.fast_training_args(settings, peft_model, max(lengths), placement, report.log, bool(layers))
     for key, value in chosen.items():

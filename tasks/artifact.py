@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from olive_grove.tasks.models import ModelFacts
@@ -33,6 +33,14 @@ class StepInfo(BaseModel):
 InfoT = TypeVar("InfoT", bound=StepInfo)
 
 
+NO_EVALUATORS = "olive-grove reports the held-out loss of each model; Olive's evaluators are not run"
+
+
+def no_effect(why: str = "") -> Any:
+    """A key Olive has that changes nothing here: accepted whatever its value, and named once in the log."""
+    return Field(None, json_schema_extra={"no_effect": why})
+
+
 class Settings(BaseModel):
     """A section of the run config: unknown keys are errors, and values keep their types (`r: true` is not
     a rank of 1, `"5"` is not a count)."""
@@ -42,6 +50,18 @@ class Settings(BaseModel):
 
 class PassSettings(Settings):
     """A pass's settings, as the config writes them under `passes.<name>`."""
+
+    evaluator: Any = no_effect(NO_EVALUATORS)
+    host: Any = no_effect("the flow runs all passes on the work pool of engine.host")
+
+    # Settings that change nothing the step produces: left out of its cache key.
+    not_in_cache_key: ClassVar[frozenset[str]] = frozenset()
+
+    def cache_view(self) -> dict[str, Any]:
+        """The settings that decide the step's output, for its cache key."""
+        unused = {n for n, f in type(self).model_fields.items() if isinstance(f.json_schema_extra, dict)
+                  and "no_effect" in f.json_schema_extra}  # fmt: skip
+        return self.model_dump(mode="json", exclude=unused | self.not_in_cache_key)
 
     def data_config_names(self) -> dict[str, str]:
         """The data configs the pass reads, by the key that names them; none by default."""

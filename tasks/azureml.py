@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from olive_grove.tasks.errors import Unreachable, UserError
+from olive_grove.tasks.errors import Unreachable, UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class AzureMLWorkspace:
 
 
 def _service_error(where: str, what: str, exc: Exception) -> UserError:
-    text = f"{what}: {exc}".splitlines()[0]
+    text = f"{what}: {first_line(exc)}"
     if "credential" in text.lower() or "connect" in text.lower():
         return Unreachable(
             where, text, "sign in with az login, a managed identity or AZURE_CLIENT_ID/_SECRET/TENANT_ID"

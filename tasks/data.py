@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
-from olive_grove.tasks.errors import UserError, located, nearest
+from olive_grove.tasks.errors import UserError, first_line, located, nearest
 from olive_grove.tasks.files import hash_file, hash_value
 from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
@@ -46,8 +46,9 @@ class LoadDatasetSettings(Settings):
     )
     split: str = Field("train", description="the split to train on")
     subset: str | None = Field(None, description="the hub dataset's configuration name")
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, description="a folder of data files, relative to the config file's folder")
     trust_remote_code: bool = False
+    col_filters: dict[str, Any] | None = Field(None, description="keep the rows whose columns hold these values")
     storage_options: dict[str, Any] | None = Field(
         None,
         exclude=True,  # may hold secrets: never printed, saved or part of a cache key
@@ -65,7 +66,11 @@ class LoadDatasetSettings(Settings):
 class TextSettings(Settings):
     """How rows become token sequences (Olive's `pre_process_data_config` for text generation)."""
 
-    text_cols: list[str] = Field(default_factory=lambda: ["text"], description="columns the template may use")
+    text_cols: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="columns the text is made of; default: the template's placeholders, else ['text']",
+    )
     text_template: str | None = Field(None, description="'{column}' placeholders; plain names only")
     strategy: Literal["join", "line-by-line", "packed"] = Field(
         "join",
@@ -74,6 +79,7 @@ class TextSettings(Settings):
     max_seq_len: int = Field(
         1024,
         gt=0,
+        le=1 << 20,
         description="tokens per sample",
     )
     pad_to_max_len: bool = Field(True, description="pad line-by-line samples to max_seq_len")
@@ -90,9 +96,19 @@ class TextSettings(Settings):
     def _one_column(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # Olive accepts a single column name
 
+    @property
+    def columns(self) -> list[str]:
+        """The columns a row's text is made of (Olive's meaning: a template's placeholders, else text_cols)."""
+        if self.text_template is not None:
+            return template_fields(self.text_template, "text_template")
+        return self.text_cols or ["text"]
+
     @model_validator(mode="after")
     def _check(self) -> TextSettings:
-        if self.text_template is not None:
+        if self.text_template is not None and not template_fields(self.text_template, "text_template"):
+            hint = "write {column}: {{column}} is a literal brace" if "{{" in self.text_template else "add {column}"
+            raise UserError("text_template", "has no {column} placeholder: every row would be the same text", hint)
+        if self.text_template is not None and self.text_cols is not None:
             for name in template_fields(self.text_template, "text_template"):
                 if name not in self.text_cols:
                     raise UserError(
@@ -155,7 +171,7 @@ def row_text(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: 
     if settings.text_template is not None:
         text = render_template(settings.text_template, row)
     else:
-        text = " ".join("" if row[c] is None else str(row[c]) for c in settings.text_cols)
+        text = " ".join("" if row[c] is None else str(row[c]) for c in settings.columns)
     if settings.add_special_tokens:
         # Olive wraps rows at the string level, with spaces, before tokenizing without special tokens.
         text = f"{bos or ''} {text} {eos or ''}"
@@ -173,16 +189,30 @@ def load_rows(config: DataConfig, downloads: Path):
     check_data_files(config)
     data_files = local_data_files(load, "load_dataset_config.data_files", downloads / "data")
     try:
-        return datasets.load_dataset(
+        rows = datasets.load_dataset(
             load.data_name, name=load.subset, data_files=data_files, data_dir=load.data_dir, split=load.split
         )
     except Exception as exc:  # datasets raises many types for unreadable data; each is the data's fault
-        cause = str(exc.__cause__ or exc).splitlines()[0][:300]
+        cause = first_line(exc.__cause__ or exc)
         if load.data_files is None:  # a hub dataset
             problem = f"could not load the hub dataset '{load.data_name}': {cause}"
             hint = "give data_files for local data, or a hub dataset this machine can reach"
             raise UserError("load_dataset_config.data_name", problem, hint) from None
         raise UserError("load_dataset_config", f"could not load the dataset: {cause}") from None
+    return filter_rows(rows, load.col_filters) if load.col_filters else rows
+
+
+def filter_rows(rows, col_filters: dict[str, Any]):
+    """Olive's col_filters: the rows whose columns equal the given values."""
+    for column in col_filters:
+        if column not in rows.column_names:
+            raise UserError(f"load_dataset_config.col_filters.{column}", "is not a column of the dataset",
+                            f"columns: {', '.join(rows.column_names)}")  # fmt: skip
+    kept = rows.filter(lambda row: all(row[c] == v for c, v in col_filters.items()))
+    if len(kept) == 0:
+        raise UserError("load_dataset_config.col_filters", f"no row of {len(rows)} matches {col_filters}",
+                        "check the values")  # fmt: skip
+    return kept
 
 
 def local_data_files(load: LoadDatasetSettings, where: str, downloads: Path) -> Any:
@@ -206,10 +236,11 @@ def local_data_files(load: LoadDatasetSettings, where: str, downloads: Path) -> 
 
 
 def check_text_columns(config: DataConfig, columns: list[str]) -> None:
-    missing = [c for c in config.pre_process_data_config.text_cols if c not in columns]
+    text = config.pre_process_data_config
+    missing = [c for c in text.columns if c not in columns]
     if missing:
         raise UserError(
-            "pre_process_data_config.text_cols",
+            "pre_process_data_config.text_cols" if text.text_cols else "pre_process_data_config.text_template",
             f"column '{missing[0]}' is not in the dataset",
             f"columns: {', '.join(columns)}",
         )
@@ -226,6 +257,9 @@ def check_data(config: DataConfig, downloads: Path) -> None:
 def check_data_files(config: DataConfig) -> None:
     """Every listed file or pattern matches something, local or behind a URL, in a format `datasets` reads."""
     load = config.load_dataset_config
+    if load.data_files is None and load.data_dir is None and load.data_name in LOCAL_FORMATS:
+        raise UserError("load_dataset_config.data_files", f"is needed to read {load.data_name} files",
+                        "name the files (a path, a pattern, or a mapping of splits)")  # fmt: skip
     if load.data_files is not None and load.data_name not in LOCAL_FORMATS:
         raise UserError("load_dataset_config.data_name", f"'{load.data_name}' is not a file format datasets reads",
                         f"with data_files, data_name is one of {', '.join(sorted(LOCAL_FORMATS))}; "
@@ -375,7 +409,7 @@ def prepare_dataset(
         rows = load_rows(config, files.downloads)
         check_text_columns(config, rows.column_names)
     text = config.pre_process_data_config
-    used = template_fields(text.text_template, "text_template") if text.text_template else text.text_cols
+    used = text.columns
     empty = sum(1 for row in rows if any(row[c] is None for c in used))
     if empty:
         report.log(f"dataset {config.name}: {empty} of {len(rows)} rows have an empty {' or '.join(used)}; "

@@ -16,7 +16,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from olive_grove.tasks.adapters import AdapterInfo, LoRASettings, train_adapter
+from olive_grove.tasks.adapter_settings import AdapterSettings
+from olive_grove.tasks.adapters import AdapterInfo, train_adapter
 from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, TrainingProgress
 from olive_grove.tasks.data import DatasetInfo
 from olive_grove.tasks.errors import UserError
@@ -29,7 +30,7 @@ LOG = "olive-grove-log "
 INPUT_TYPES = {"model": Artifact[ModelInfo], "dataset": Artifact[DatasetInfo], "eval_dataset": Artifact[DatasetInfo]}
 
 
-def process_count(settings: LoRASettings) -> int:
+def process_count(settings: AdapterSettings) -> int:
     """One process per GPU (or as many as `processes` asks for), as many as evenly split the batch."""
     import torch
 
@@ -42,7 +43,7 @@ def process_count(settings: LoRASettings) -> int:
 
 
 def launch(
-    processes: int, settings: LoRASettings, files: StepFiles, report: Reporter, **inputs: Artifact | None
+    processes: int, settings: AdapterSettings, files: StepFiles, report: Reporter, **inputs: Artifact | None
 ) -> AdapterInfo:
     """`train_adapter` in `processes` torchrun processes; returns process 0's result."""
     report.log(f"data parallel: {processes} processes, effective batch {effective_batch(settings)} split between them")

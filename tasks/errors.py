@@ -88,3 +88,10 @@ def shown(value: object, limit: int = 60) -> str:
     """A value as an error line may echo it: its repr, cut short."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of an error: its first line, or its type when it has none."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

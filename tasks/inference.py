@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.errors import UserError, first_line, nearest
 from olive_grove.tasks.models import load_causal_lm, load_tokenizer
 
 
@@ -23,24 +23,42 @@ def model_kind(path: Path) -> str:
     )
 
 
-def generate(path: Path, prompts: list[str], max_new_tokens: int = 32, base: str | None = None) -> list[str]:
+def generate(
+    path: Path, prompts: list[str], max_new_tokens: int = 32, base: str | None = None, adapter: str | None = None
+) -> list[str]:
     kind = model_kind(path)
     if kind == "onnx":
-        return generate_onnx(path, prompts, max_new_tokens)
+        return generate_onnx(path, prompts, max_new_tokens, adapter)
+    if adapter:
+        raise UserError("--adapter", "picks one of an ONNX model's adapters", f"{path} is a {kind} model folder")
     return generate_hf(path, prompts, max_new_tokens, adapter=kind == "adapter", base=base)
 
 
-def generate_onnx(path: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+def adapter_names(path: Path) -> list[str]:
+    """The adapters beside an ONNX model (ExtractAdapters' `adapters/<pass>.onnx_adapter` files)."""
+    return sorted(p.stem for p in (path / "adapters").glob("*.onnx_adapter"))
+
+
+def generate_onnx(path: Path, prompts: list[str], max_new_tokens: int, adapter: str | None = None) -> list[str]:
     import onnxruntime_genai as og
 
+    if adapter and adapter not in adapter_names(path):
+        raise UserError("--adapter", f"{path} has no adapter {adapter!r}",
+                        nearest(adapter, adapter_names(path)) or "it has no adapters")  # fmt: skip
     model = og.Model(str(path))
     tokenizer = og.Tokenizer(model)
+    adapters = None
+    if adapter:
+        adapters = og.Adapters(model)
+        adapters.load(str(path / "adapters" / f"{adapter}.onnx_adapter"), adapter)
     outputs = []
     for prompt in prompts:
         tokens = tokenizer.encode(prompt)
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(tokens) + max_new_tokens, do_sample=False)
         generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, adapter)
         generator.append_tokens(tokens)
         new: list[int] = []
         while not generator.is_done() and len(new) < max_new_tokens:
@@ -59,7 +77,12 @@ def generate_hf(path: Path, prompts: list[str], max_new_tokens: int, adapter: bo
         base = base or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise UserError(str(path / "adapter_config.json"), "names no base model", "pass --base MODEL")
-        model = PeftModel.from_pretrained(load_causal_lm(base, "float32"), str(path))
+        try:
+            base_model = load_causal_lm(base, "float32")
+        except (OSError, ValueError) as exc:
+            raise UserError(str(base), f"cannot load the adapter's base model: {first_line(exc)}",
+                            "pass --base with the base model's folder") from None  # fmt: skip
+        model = PeftModel.from_pretrained(base_model, str(path))
     else:
         model = load_causal_lm(str(path), "float32")
     tokenizer = load_tokenizer(str(path))

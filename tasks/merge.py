@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ class MergeSettings(PassSettings):
 
     type: Literal["MergeAdapterWeights"] = "MergeAdapterWeights"
     torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None, description="dtype of the merged weights; default: the adapter's training dtype"
+        None, description="dtype of the merged weights; default: the base model's own"
     )
 
 
@@ -30,6 +31,28 @@ class MergedInfo(ModelInfo):
     parameters: int
     adapter_heldout_loss: float | None = Field(None, description="the adapter's loss on its eval samples")
     merged_heldout_loss: float | None = Field(None, description="the merged model's loss on the same samples")
+
+
+def base_dtype(model_dir: Path) -> str:
+    """The dtype the base model's weights are saved in (its config says), so the merge keeps them exact."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    saved = config.get("dtype") or config.get("torch_dtype")
+    return saved if saved in ("bfloat16", "float16", "float32") else "float32"
+
+
+def load_merge_base(model_path: str, dtype: str, trust_remote_code: bool, adapter: AdapterInfo):
+    """The base an adapter merges into: the original weights, or — for an adapter fitted to a 4-bit base
+    (LoftQ) — that 4-bit base, dequantized, which is what the adapter was trained against."""
+    if adapter.merge_into == "original" or adapter.quantization is None:
+        return load_causal_lm(model_path, dtype, trust_remote_code)
+    from olive_grove.tasks.adapters import load_4bit
+
+    quantized = load_4bit(model_path, {**adapter.quantization, "compute_dtype": dtype}, trust_remote_code,
+                          {"": "cpu"})  # fmt: skip
+    return quantized.dequantize()
 
 
 def merge_adapter(
@@ -47,8 +70,8 @@ def merge_adapter(
     from peft import PeftModel
 
     trust = model.info.trust_remote_code
-    dtype = settings.torch_dtype or adapter.info.dtype or "float32"
-    base = load_causal_lm(model.path, dtype, trust)
+    dtype = settings.torch_dtype or base_dtype(Path(model.path))
+    base = load_merge_base(model.path, dtype, trust, adapter.info)
     merged = PeftModel.from_pretrained(base, adapter.path).merge_and_unload()
     merged.save_pretrained(str(files.out))
     has_tokenizer = (Path(adapter.path) / "tokenizer_config.json").exists()
@@ -66,5 +89,6 @@ def merge_adapter(
     if adapter.info.eval_samples:
         info.merged_heldout_loss = heldout_loss(merged, Path(adapter.path) / adapter.info.eval_samples,
                                                 tokenizer.pad_token_id)  # fmt: skip
-    report.log(f"merged the adapter into {Path(model.path).name} ({dtype})")
+    into = "its 4-bit base, dequantized" if adapter.info.merge_into == "quantized" else Path(model.path).name
+    report.log(f"merged the adapter into {into} ({dtype})")
     return info

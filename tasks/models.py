@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from olive_grove.tasks.artifact import Artifact, StepInfo
 from olive_grove.tasks.azureml import connect, find_model_folder
-from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.errors import Unreachable, UserError, first_line
 from olive_grove.tasks.files import USER_CACHE, hash_files, hash_value, move_into_place, read_memo, write_memo
 from olive_grove.tasks.storage import Remote, file_fingerprint, is_url
 
@@ -72,6 +72,15 @@ class ModelFacts:
         except (OSError, ValueError):
             return None
 
+    def model_type(self) -> str | None:
+        kind = (self._config or {}).get("model_type")
+        return kind if isinstance(kind, str) else None
+
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was built for (its position embeddings)."""
+        size = (self._config or {}).get("max_position_embeddings")
+        return size if isinstance(size, int) and size > 0 else None
+
     def hidden_size(self) -> int | None:
         size = (self._config or {}).get("hidden_size")
         return size if isinstance(size, int) else None
@@ -106,41 +115,58 @@ def check_model_source(source: ModelSource) -> None:
         connect(source.azureml_client, "")  # the Azure ML client library is there
     elif not HUB_ID.match(source.name):
         raise UserError("", f"no folder {source.name}, and it is not a hub id", "give a model folder or org/name")
+    elif _hub_offline() and not _in_hub_cache(source):
+        raise Unreachable("", f"no folder {source.name}, and the hub is offline (HF_HUB_OFFLINE) with no copy of "
+                          "that model in its cache", "give a model folder, or let the hub be reached")  # fmt: skip
 
 
 def check_model_folder(root: Path) -> None:
     """A Hugging Face model folder that can load: its config, every weight file whole, a tokenizer.
 
-    Cheap: safetensors files are checked by their header against their size, nothing is loaded.
+    Cheap: weights are checked by their headers against their sizes, nothing is loaded.
     """
     hint = "point it at a Hugging Face model folder"
-    try:
-        json.loads((root / "config.json").read_text())
-    except OSError:
-        raise UserError("", f"{root} has no config.json", hint) from None
-    except ValueError as exc:
-        raise UserError("", f"{root / 'config.json'} is not valid JSON: {exc}") from None
+    config = _json_file(root / "config.json", f"{root} has no config.json", hint)
+    if not isinstance(config, dict):
+        raise UserError("", f"{root / 'config.json'} is not a model config")
     weights = weight_files(root)
     if not weights:
         raise UserError("", f"{root} has no weights (model.safetensors or pytorch_model.bin)", hint)
     for path in weights:
         if not path.is_file():
             raise UserError("", f"{path} is missing (its index lists it)", "copy the whole model folder")
-        if path.suffix == ".safetensors":
-            problem = safetensors_damage(path)
-            if problem:
-                raise UserError("", f"{path} {problem}", "download or save the model again")
-    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        problem = weights_damage(path)
+        if problem:
+            raise UserError("", f"{path} {problem}", "download or save the model again")
+    tokenizers = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    if not tokenizers:
         raise UserError("", f"{root} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
                         "save the tokenizer beside the model: tokenizer.save_pretrained(folder)")  # fmt: skip
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        try:
-            json.loads((root / name).read_text()) if (root / name).is_file() else None
-        except ValueError as exc:
-            raise UserError("", f"{root / name} is not valid JSON: {str(exc)[:80]}") from None
+    for path in tokenizers:
+        if _lfs_pointer(path):
+            raise UserError("", f"{path} {LFS}", "fetch the files themselves: git lfs pull")
+    if (root / "tokenizer.json").is_file():
+        tokenizer = _json_file(root / "tokenizer.json", "", "")
+        if not isinstance(tokenizer, dict) or "model" not in tokenizer:
+            raise UserError("", f"{root / 'tokenizer.json'} is not a tokenizer (it has no model)", "save it again")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+LFS = "is a git-lfs pointer, not the file it points to"
+
+
+def _json_file(path: Path, missing: str, hint: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UserError("", missing, hint) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError("", f"{path} is not valid JSON: {first_line(exc, 80)}") from None
+
+
+def _lfs_pointer(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(40).startswith(b"version https://git-lfs.github.com/spec")
 
 
 def check_adapter_folder(root: Path) -> None:
@@ -155,7 +181,7 @@ def check_adapter_folder(root: Path) -> None:
     weights = [root / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (root / n).is_file()]
     if not weights:
         raise UserError("", f"{root} has no adapter weights (adapter_model.safetensors)", hint)
-    problem = safetensors_damage(weights[0]) if weights[0].suffix == ".safetensors" else None
+    problem = weights_damage(weights[0])
     if problem:
         raise UserError("", f"{weights[0]} {problem}", "train or save the adapter again")
 
@@ -165,14 +191,24 @@ def weight_files(root: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):  # fmt: skip
         if (root / index).is_file():
-            try:
-                shards = json.loads((root / index).read_text())["weight_map"].values()
-            except (ValueError, KeyError, AttributeError):
-                raise UserError("", f"{root / index} is not a weight index") from None
-            return [root / name for name in sorted(set(shards))]
+            data = _json_file(root / index, "", "")
+            shards = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(shards, dict) or not all(isinstance(n, str) for n in shards.values()):
+                raise UserError("", f"{root / index} is not a weight index (no weight_map of file names)")
+            return [root / name for name in sorted(set(shards.values()))]
         if (root / single).is_file():
             return [root / single]
     return []
+
+
+def weights_damage(path: Path) -> str | None:
+    """What is wrong with a weight file, read from its first bytes and size; None if it looks whole."""
+    if _lfs_pointer(path):
+        return LFS
+    if path.suffix == ".safetensors":
+        return safetensors_damage(path)
+    with path.open("rb") as f:  # torch.save writes a zip file
+        return None if f.read(4) == b"PK\x03\x04" else "is not a PyTorch checkpoint (no zip header)"
 
 
 def safetensors_damage(path: Path) -> str | None:
@@ -184,11 +220,30 @@ def safetensors_damage(path: Path) -> str | None:
             if size < 8 or length > size - 8:
                 return f"is truncated ({size:,} bytes)"
             header = json.loads(f.read(length))
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return "has no readable safetensors header"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    needed = 8 + length + max(ends, default=0)
+    tensors = [t for k, t in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    ends = [t.get("data_offsets") for t in tensors or [] if isinstance(t, dict)]
+    if tensors is None or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[1], int) for e in ends):
+        return "has a damaged safetensors header"
+    needed = 8 + length + max((e[1] for e in ends), default=0)
     return f"is truncated ({size:,} bytes, its header says {needed:,})" if size < needed else None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(source: ModelSource) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source.name, revision=source.revision, allow_patterns=["config.json"], local_files_only=True)
+    except Exception:  # the hub client's many kinds of "not here"
+        return False
+    return True
 
 
 def model_files(root: Path) -> list[str]:
@@ -273,7 +328,7 @@ def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set
         text = config_file.read_text() if config_file.is_file() else None
         memo_key = [json.loads(text), importlib.metadata.version("transformers")] if text else None
     except (OSError, ValueError) as exc:
-        raise UserError("", f"cannot read the model's config: {exc}".splitlines()[0]) from None
+        raise UserError("", f"cannot read the model's config: {first_line(exc)}") from None
     memo = USER_CACHE / f"linear-names-{hash_value(memo_key)}.json" if memo_key else None
     names = read_memo(memo, None)
     if names is None:
@@ -288,8 +343,8 @@ def _linear_names_of_empty_model(model_path: str, trust_remote_code: bool) -> li
 
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError("", f"cannot read the model's config: {exc}".splitlines()[0]) from None
+    except Exception as exc:  # transformers raises many kinds for a config it cannot read
+        raise UserError("", f"cannot read the model's config: {first_line(exc)}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

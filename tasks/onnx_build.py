@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.models import ModelFacts, ModelInfo
@@ -18,6 +19,7 @@ EXECUTION_PROVIDERS = {
     "CUDAExecutionProvider": "cuda",
     "DmlExecutionProvider": "dml",
     "WebGpuExecutionProvider": "webgpu",
+    "NvTensorRTRTXExecutionProvider": "NvTensorRtRtx",
 }
 
 
@@ -26,14 +28,28 @@ class ModelBuilderSettings(PassSettings):
 
     type: Literal["ModelBuilder"] = "ModelBuilder"
     precision: Literal["int4", "int8", "fp16", "bf16", "fp32"] = "int4"
-    execution_provider: Literal["cpu", "cuda", "dml", "webgpu"] | None = Field(
+    execution_provider: Literal["cpu", "cuda", "dml", "webgpu", "NvTensorRtRtx"] | None = Field(
         None, description="default: the run's (engine.execution_providers, else the target system's, else cpu)"
     )
-    int4_block_size: Literal[16, 32, 64, 128, 256] | None = None
-    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
-    metadata_only: bool = False
+    int4_block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="block size of int4 weights")
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None, description="least accuracy of MatMul in int4: 1 fp32, 2 fp16, 3 bf16, 4 int8"
+    )
+    int4_is_symmetric: bool | None = Field(None, description="quantize int4 weights symmetrically")
+    int4_op_types_to_quantize: list[str] | None = Field(None, description="op types int4 quantization targets")
+    int4_nodes_to_exclude: list[str] | None = Field(None, description="nodes int4 quantization leaves alone")
+    int4_algo_config: str | None = Field(None, description="int4 quantization method: default, rtn, k_quant, ...")
+    use_qdq: bool | None = Field(None, description="use the QDQ decomposition for ops")
+    use_8bits_moe: bool | None = Field(None, description="8-bit MoE layers")
+    use_webgpu_fp32: bool | None = Field(None, description="fp32 inputs and outputs for WebGPU")
+    use_cuda_bf16: bool | None = Field(None, description="bf16 inputs and outputs of quantized models on CUDA")
+    include_hidden_states: bool | None = Field(None, description="hidden states as an output")
+    exclude_embeds: bool | None = Field(None, description="leave the embedding layer out")
+    exclude_lm_head: bool | None = Field(None, description="leave the language-model head out")
+    enable_cuda_graph: bool | None = Field(None, description="capture CUDA graphs when the model runs")
+    metadata_only: bool = Field(False, description="write genai_config.json and the tokenizer only")
     search: dict[str, Any] | None = Field(None, description="genai_config search options, e.g. max_length")
-    extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is")
+    extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is, last")
 
     @property
     def provider(self) -> str:
@@ -46,49 +62,91 @@ class ModelBuilderSettings(PassSettings):
                             "use int4, int8, fp16 or fp32 for cpu")  # fmt: skip
 
 
+# Olive's names for the builder's options, where they differ; the builder wants lists joined.
+BUILDER_NAMES = {"int4_block_size": "block_size", "int4_accuracy_level": "accuracy_level",
+                 "int4_is_symmetric": "is_symmetric", "int4_op_types_to_quantize": "op_types_to_quantize",
+                 "int4_nodes_to_exclude": "nodes_to_exclude", "int4_algo_config": "algo_config",
+                 "metadata_only": "config_only"}  # fmt: skip
+LIST_JOINERS = {"op_types_to_quantize": "/", "nodes_to_exclude": ","}
+
+
 def builder_options(settings: ModelBuilderSettings) -> list[str]:
-    """ModelBuilder's extra options as the `KEY=VALUE` strings its own parser expects."""
-    options = {
-        "hf_token": "false",
-        **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.extra_options.items()},
-    }
-    # The builder's own names; it silently ignores the int4_-prefixed spellings that Olive's pass uses.
-    if settings.int4_block_size:
-        options["block_size"] = str(settings.int4_block_size)
-    if settings.int4_accuracy_level is not None:
-        options["accuracy_level"] = str(settings.int4_accuracy_level)
-    if settings.metadata_only:
-        options["config_only"] = "true"
+    """ModelBuilder's extra options as the `KEY=VALUE` strings its own parser expects: the pass's settings
+    under the builder's names, then `extra_options`, which win (as in Olive)."""
+    fields = settings.model_dump(exclude={"type", "precision", "execution_provider", "search", "extra_options",
+                                          "evaluator", "host"}, exclude_none=True)  # fmt: skip
+    options = {"hf_token": "false"}
+    for key, value in fields.items():
+        if key == "metadata_only" and not value:
+            continue
+        name = BUILDER_NAMES.get(key, key)
+        options[name] = LIST_JOINERS.get(name, ",").join(value) if isinstance(value, list) else _text(value)
+    options.update({k: _text(v) for k, v in settings.extra_options.items()})
     return [f"{k}={v}" for k, v in options.items()]
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class OnnxInfo(StepInfo):
     precision: str
     execution_provider: str
     size_bytes: int
+    builder: dict[str, Any] = Field(default_factory=dict, description="the ModelBuilder settings it was built with")
+    adapter_fingerprint: str | None = Field(None, description="the adapter whose LoRA layers it holds, unmerged")
 
 
 def build_onnx_model(
-    settings: ModelBuilderSettings, files: StepFiles, report: Reporter, *, model: Artifact[ModelInfo]
+    settings: ModelBuilderSettings,
+    files: StepFiles,
+    report: Reporter,
+    *,
+    model: Artifact[ModelInfo],
+    adapter: Artifact[AdapterInfo] | None = None,
 ) -> OnnxInfo:
-    """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log."""
+    """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log.
+
+    With an adapter, the model keeps its LoRA layers unmerged (Olive's adapter_path), in float whatever the
+    precision, so that ExtractAdapters can make them swappable.
+    """
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     provider = settings.provider
     files.work.mkdir(parents=True, exist_ok=True)
     args = (None, model.path, str(files.out), settings.precision, provider, str(files.work / "hf-cache"))
+    options = builder_options(settings) + (
+        lora_options(Path(model.path), Path(adapter.path), settings) if adapter else []
+    )
     with (
         (files.work / "builder.log").open("w") as log,
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
-        options = parse_extra_options(*args, builder_options(settings))
-        create_model(*args, **options)
+        create_model(*args, **parse_extra_options(*args, options))
     if settings.search:
         _set_search_options(files.out / "genai_config.json", settings.search)
-    report.log(f"built {settings.precision} ONNX model for {provider}")
+    report.log(f"built {settings.precision} ONNX model for {provider}" + (" with LoRA layers" if adapter else ""))
     size = sum(p.stat().st_size for p in files.out.iterdir() if p.is_file())
-    return OnnxInfo(precision=settings.precision, execution_provider=provider, size_bytes=size)
+    return OnnxInfo(precision=settings.precision, execution_provider=provider, size_bytes=size,
+                    builder=settings.model_dump(mode="json"),
+                    adapter_fingerprint=adapter.fingerprint if adapter else None)  # fmt: skip
+
+
+def lora_options(model_dir: Path, adapter_dir: Path, settings: ModelBuilderSettings) -> list[str]:
+    """The builder's adapter_path, and its LoRA MatMuls left out of weight quantization by their node names
+    (`/model/layers.<i>/<attn|mlp>/<layer>/lora_<A|B>/MatMul`; fused layers are split into their parts)."""
+    layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
+    names = set(targets if isinstance(targets, list) else []) | SPLIT_PROJECTIONS
+    nodes = [f"/model/layers.{i}/{block}/{name}/lora_{part}/MatMul" for i in range(layers)
+             for block in ("attn", "mlp") for name in sorted(names) for part in "AB"]  # fmt: skip
+    excluded = [*(settings.int4_nodes_to_exclude or []), *nodes]
+    return [f"adapter_path={adapter_dir}", f"nodes_to_exclude={','.join(excluded)}"]
+
+
+# What ModelBuilder splits fused LoRA layers into (Phi-3's qkv_proj, gate_up_proj).
+SPLIT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 
 
 def _set_search_options(config_path: Path, search: dict[str, Any]) -> None:

@@ -22,9 +22,10 @@ def quiet_library_defaults() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Writing model shards" and friends
+    # datasets logs its own ERROR line for a file it cannot parse, before the error that names the config key.
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    # datasets logs its own ERROR line for a file it cannot parse, before the error that names the config key.
     logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 

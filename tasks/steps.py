@@ -47,7 +47,7 @@ def task_of(step: Step) -> Task:
         key = get_transaction().key  # the content key StepCachePolicy computed: it names the step's folder
         folder = ctx.folder(step.name, key)
         files = StepFiles(out=folder.staging(), work=folder.work, downloads=Path(ctx.downloads))
-        here = {name: a.located(Path(ctx.cache_dir)) if a else None for name, a in inputs.items()}
+        here = {name: _located(value, Path(ctx.cache_dir)) for name, value in inputs.items()}
         try:
             with quiet_libraries():
                 info = step.run(settings, files, RunLogReporter(), **here)
@@ -63,6 +63,13 @@ def task_of(step: Step) -> Task:
         return Artifact(path=ctx.relative(folder.publish(files.out)), fingerprint=key, info=info)
 
     return task(run_step, name=step.name, version=step.version, cache_policy=STEP_CACHE, persist_result=True)
+
+
+def _located(value: Any, cache_dir: Path) -> Any:
+    """An input with absolute paths: an Artifact, a mapping of them (the adapters by pass), or None."""
+    if isinstance(value, dict):
+        return {k: v.located(cache_dir) for k, v in value.items()}
+    return value.located(cache_dir) if value is not None else None
 
 
 def _disk_full(exc: BaseException | None) -> bool:

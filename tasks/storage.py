@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from olive_grove.tasks.errors import NoCredentials, Unreachable, UserError
+from olive_grove.tasks.errors import NoCredentials, Unreachable, UserError, first_line
 from olive_grove.tasks.files import hash_value, move_into_place
 
 CREDENTIALS_HINT = (
@@ -39,9 +39,7 @@ def filesystem(url: str, where: str, storage_options: dict[str, Any] | None = No
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
-        raise UserError(
-            where, f"{url}: {exc}".splitlines()[0], "install the fsspec package for this protocol"
-        ) from None
+        raise UserError(where, f"{url}: {first_line(exc)}", "install the fsspec package for this protocol") from None
     except Exception as exc:  # each fsspec backend raises its own types for a bad account or options
         raise storage_error(exc, url, where) from None
 
@@ -59,8 +57,8 @@ def storage_error(exc: BaseException, url: str, where: str) -> UserError:
     if status in (401, 403) or "Authorization" in code or "Authentication" in code:
         return UserError(where, f"{url}: access denied ({code or status})", "check the credentials and their role")
     if type(exc).__name__ in ("ServiceRequestError", "ClientConnectorError", "ConnectionError", "TimeoutError"):
-        return Unreachable(where, f"{url}: cannot be reached ({text.splitlines()[0][:120]})", "check the network")
-    return UserError(where, f"{url}: {text}".splitlines()[0])
+        return Unreachable(where, f"{url}: cannot be reached ({first_line(exc, 120)})", "check the network")
+    return UserError(where, f"{url}: {first_line(exc)}")
 
 
 def not_found(fs, path: str, url: str, where: str) -> UserError:

@@ -48,7 +48,7 @@ def tiny_config(arch: Arch, vocab_size: int, tokenizer):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,  # as Phi-3-mini-4k: configs written for it fit
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -113,7 +113,8 @@ def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]
     """A LoRA adapter trained for 2 steps on the tiny llama by the real training code (no Prefect)."""
     from grove_helpers import Recorder, dataset_artifact, model_artifact, step_files
 
-    from olive_grove.tasks.adapters import LoRASettings, train_adapter
+    from olive_grove.tasks.adapter_settings import LoRASettings
+    from olive_grove.tasks.adapters import train_adapter
 
     root = tmp_path_factory.mktemp("llama-adapter")
     settings = LoRASettings.model_validate(

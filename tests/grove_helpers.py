@@ -47,7 +47,10 @@ def grove(*argv: str | Path) -> GroveResult:
     out, err = io.StringIO(), io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse's usage errors
+            rc = exc.code
     return GroveResult(rc, out.getvalue(), err.getvalue(), time.perf_counter() - started)
 
 

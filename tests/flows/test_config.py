@@ -9,7 +9,7 @@ import pytest
 from grove_helpers import SHARED_CONFIGS, tiny_run_config, write_project
 
 from olive_grove.flows.config import load_run_config
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings
+from olive_grove.tasks.adapter_settings import LoRASettings, QLoRASettings
 from olive_grove.tasks.data import AzureMLDatastore
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.merge import MergeSettings
@@ -93,7 +93,7 @@ def test_guide_registry_model_and_local_data():
     assert cfg.engine.execution_providers == ["CUDAExecutionProvider"]
 
     local, _ = load_run_config(SHARED_CONFIGS / "fragments-local-data.json")
-    assert local.input_model.model_path == "model-cache/microsoft/phi-3-mini"
+    assert local.input_model.model_path == str(SHARED_CONFIGS / "model-cache" / "microsoft" / "phi-3-mini")
     files = local.data_configs[0].load_dataset_config.data_files
     assert files == str((SHARED_CONFIGS / "dataset" / "dataset-classification.json").resolve())
 

@@ -112,7 +112,7 @@ def test_report_json_has_rows_samples_and_losses(first_run: Run, tiny_phi3: Path
     assert [p["step"] for p in lora["loss_curve"]] == [1, 2, 3]
     assert lora["train_loss"] > 0 and lora["eval_loss"] > 0
     merge = step(report, "merge")["info"]
-    assert merge["dtype"] == "float32"  # the adapter's training dtype
+    assert merge["dtype"] == "float32"  # the base model's own dtype
     assert merge["merged_heldout_loss"] == pytest.approx(lora["eval_loss"], rel=1e-3)
     builder = step(report, "builder")["info"]
     assert (builder["precision"], builder["execution_provider"]) == ("int4", "cpu")

@@ -12,10 +12,11 @@ from grove_helpers import SHARED_CONFIGS, write_project
 from olive_grove.flows import olive_compat
 from olive_grove.flows.config import EngineConfig, load_run_config
 from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.passes import PASS_TYPES
 
 
 def normalise(raw: dict) -> olive_compat.Normalised:
-    return olive_compat.normalise(raw, set(EngineConfig.model_fields))
+    return olive_compat.normalise(raw, set(EngineConfig.model_fields), set(PASS_TYPES))
 
 
 NESTED = {

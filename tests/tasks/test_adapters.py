@@ -11,7 +11,8 @@ import torch
 from grove_helpers import LLAMA_MODULES, PHI3_MODULES, Recorder, dataset_artifact, model_artifact, step_files
 
 from olive_grove.tasks import speed
-from olive_grove.tasks.adapters import LoRASettings, QLoRASettings, check_target_modules, train_adapter
+from olive_grove.tasks.adapter_settings import LoRASettings, QLoRASettings, check_target_modules
+from olive_grove.tasks.adapters import train_adapter
 from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.models import linear_module_names
@@ -198,7 +199,7 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
     def loss_and_grads(compiled: bool):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        model = get_peft_model(base, settings.peft_config())
+        model = get_peft_model(base, settings.peft_config(settings.target_modules))
         for name, parameter in model.named_parameters():  # B starts at zero: make the adapter count
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=0.1)
@@ -244,7 +245,7 @@ def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
             training_args={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 4,
                            "learning_rate": 1e-2, "save_strategy": "no", "seed": 0},
         )  # fmt: skip
-        peft_model = get_peft_model(base, settings.peft_config())
+        peft_model = get_peft_model(base, settings.peft_config(settings.target_modules))
         trainer = make_trainer(settings, peft_model, 0, data, None, tmp_path / str(cuda_graphs), speed.Placement(),
                                Recorder())  # fmt: skip
         trainer.train()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from olive_grove.tasks.adapters import LoRASettings
+from olive_grove.tasks.adapter_settings import LoRASettings
 from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.caching import (
     HASHED_ON_EVERY_HIT,

@@ -219,7 +219,7 @@ def test_seeded_eval_split_is_reproducible(tmp_path: Path, tiny_phi3: Path):
 
 
 def test_eval_dataset_size_as_a_count(tmp_path: Path, tiny_phi3: Path):
-    from olive_grove.tasks.adapters import LoRASettings
+    from olive_grove.tasks.adapter_settings import LoRASettings
 
     size = LoRASettings.model_validate({"train_data_config": "d", "eval_dataset_size": 3}).eval_dataset_size
     stats = _prepare(_tone_config(), tiny_phi3, tmp_path, size, 42)

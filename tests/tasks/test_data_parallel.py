@@ -9,7 +9,8 @@ from grove_helpers import LLAMA_MODULES, TRAINING_ARGS, Recorder, dataset_artifa
 from safetensors.torch import load_file
 
 from olive_grove.tasks import data_parallel
-from olive_grove.tasks.adapters import LoRASettings, train_adapter
+from olive_grove.tasks.adapter_settings import LoRASettings
+from olive_grove.tasks.adapters import train_adapter
 
 
 def settings(processes: int | str, **args) -> LoRASettings:

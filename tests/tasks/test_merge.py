@@ -41,7 +41,7 @@ def test_merged_folder_is_a_plain_hf_model(merged):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not any(n.startswith("adapter_") for n in names)
     assert stats.size_bytes == (out / "model.safetensors").stat().st_size
-    assert stats.dtype == "float32"  # the adapter's training dtype
+    assert stats.dtype == "float32"  # the base model's own
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
 
 

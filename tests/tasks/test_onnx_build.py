@@ -28,11 +28,16 @@ def test_builder_options_use_the_builders_own_names():
     )
     assert builder_options(settings) == [
         "hf_token=false",
-        "exclude_embeds=true",
         "block_size=32",
         "accuracy_level=1",
         "config_only=true",
+        "exclude_embeds=true",
     ]
+    olive = ModelBuilderSettings(int4_op_types_to_quantize=["MatMul", "Gather"], int4_nodes_to_exclude=["a", "b"],
+                                 int4_is_symmetric=False, enable_cuda_graph=True,
+                                 extra_options={"enable_cuda_graph": False})  # fmt: skip
+    assert builder_options(olive) == ["hf_token=false", "is_symmetric=false", "op_types_to_quantize=MatMul/Gather",
+                                      "nodes_to_exclude=a,b", "enable_cuda_graph=false"]  # fmt: skip
 
 
 def test_settings_are_olive_names():

@@ -23,14 +23,15 @@ def test_an_entry_agrees_with_its_step(entry: PassType):
     assert entry.name == entry.settings.model_fields["type"].default
     assert entry.step.version
     assert entry.gives in typing.get_args(typing.get_type_hints(PassType)["gives"])
-    assert entry.output(entry.settings.model_construct(precision="int4", execution_provider="cpu"))
+    folder = entry.output(entry.settings.model_construct(precision="int4", execution_provider="cpu"))
+    assert folder or entry.name == "ExtractAdapters"  # it refines the folder of the pass before it
 
 
 def test_step_names_are_folder_names_and_unique_per_function():
     steps = {e.step for e in ENTRIES} | {PREPARE_DATASET}
     names = [s.name for s in steps]
-    assert sorted(names) == sorted(set(names)) == ["build_onnx_model", "merge_adapter", "prepare_dataset",
-                                                   "train_adapter"]  # fmt: skip
+    assert sorted(names) == sorted(set(names)) == ["build_onnx_model", "extract_adapters", "merge_adapter",
+                                                   "prepare_dataset", "train_adapter"]  # fmt: skip
 
 
 def test_the_config_accepts_exactly_the_table(tmp_path):
