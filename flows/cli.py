@@ -154,8 +154,8 @@ def _days(text: str) -> float:
 def checked_config(args: argparse.Namespace, unchecked: list[UserError] | None = None):
     """The run options from `--set`, and the config they give, checked before any work (see
     check_before_work for `unchecked`)."""
-    from olive_grove.flows.finetune import RunOptions, credentials_for, step_context
     from olive_grove.flows.preflight import check_before_work
+    from olive_grove.flows.run_setup import RunOptions, credentials_for, step_context
 
     options = RunOptions(overrides=args.overrides)
     cfg, notes = options.load(args.config)
@@ -235,7 +235,7 @@ def cmd_blocks_set_hf_token(args: argparse.Namespace) -> int:
 
 
 def _cache_entries(args: argparse.Namespace):
-    from olive_grove.tasks.caching import list_cache
+    from olive_grove.tasks.step_cache import list_cache
 
     cfg = None
     if args.config:
@@ -251,7 +251,7 @@ def _cache_entries(args: argparse.Namespace):
 def _cache_folder(args: argparse.Namespace, cfg) -> Path:
     if args.cache_dir:
         return args.cache_dir
-    from olive_grove.flows.finetune import step_context
+    from olive_grove.flows.run_setup import step_context
 
     return Path(step_context(cfg).cache_dir)  # a shared cache: this machine's copy of it
 
@@ -267,7 +267,7 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_verify(args: argparse.Namespace) -> int:
-    from olive_grove.tasks.caching import damage, remove_entry
+    from olive_grove.tasks.step_cache import damage, remove_entry
 
     entries, _ = _cache_entries(args)
     damaged = 0
@@ -282,7 +282,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace) -> int:
-    from olive_grove.tasks.caching import leftovers, remove_entry, remove_folder
+    from olive_grove.tasks.step_cache import leftovers, remove_entry, remove_folder
 
     entries, cfg = _cache_entries(args)
     entries_dir = _cache_folder(args, cfg)

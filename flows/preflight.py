@@ -9,11 +9,11 @@ from pathlib import Path
 
 from olive_grove.flows.config import RunConfig
 from olive_grove.tasks.azureml import connect
-from olive_grove.tasks.caching import StepContext
 from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
 from olive_grove.tasks.errors import Unreachable, UserError, located
 from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
 from olive_grove.tasks.quiet import quiet_libraries
+from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.storage import Remote, is_url
 
 

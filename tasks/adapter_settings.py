@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import math
+import platform
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -19,7 +20,7 @@ from pydantic import Field, field_validator
 from olive_grove.tasks.artifact import PassSettings, no_effect
 from olive_grove.tasks.data import DataConfig, DatasetSettings
 from olive_grove.tasks.errors import UserError, nearest, shown
-from olive_grove.tasks.files import USER_CACHE, read_memo, write_memo
+from olive_grove.tasks.files import remembered
 from olive_grove.tasks.models import ModelFacts, has_cuda
 from olive_grove.tasks.speed import Placement
 
@@ -52,16 +53,27 @@ TRAINING_ARG_MINIMUMS: dict[str, tuple[float, bool]] = {
 
 @functools.cache
 def training_arg_names() -> frozenset[str]:
-    """TrainingArguments' fields. Importing it costs seconds (torch, accelerate), so the names are kept
+    """TrainingArguments' fields. Importing it costs seconds (torch, accelerate, peft), so the names are kept
     per transformers version: validating a config, or re-running a cached one, need not pay for it."""
-    memo = USER_CACHE / f"training-args-{importlib.metadata.version('transformers')}.json"
-    names = read_memo(memo, None)
-    if names is None:
+
+    def names() -> list[str]:
         from transformers.training_args import TrainingArguments
 
-        names = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-        write_memo(memo, names)
-    return frozenset(names)
+        return sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+    return frozenset(remembered("training-args", importlib.metadata.version("transformers"), names))
+
+
+def peft_default_targets(table: str, model_type: str | None) -> bool:
+    """Whether peft has default layers for this model type in `table`; its tables import transformers'
+    models (seconds), so the answer is kept per peft version."""
+
+    def known() -> bool:
+        from peft.utils import constants
+
+        return model_type in getattr(constants, table)
+
+    return remembered("peft-targets", [importlib.metadata.version("peft"), table, model_type], known)
 
 
 class AdapterSettings(PassSettings):
@@ -146,9 +158,7 @@ class AdapterSettings(PassSettings):
         """The configured target_modules, else Olive's default for the model type (None: peft's own)."""
         if self.target_modules:
             return self.target_modules
-        from peft.utils import constants
-
-        if model_type in getattr(constants, self.default_targets_table):
+        if peft_default_targets(self.default_targets_table, model_type):
             return None  # peft knows this model type
         return OLIVE_TARGET_MODULES.get(model_type or "", self.fallback_targets)
 
@@ -180,14 +190,11 @@ class AdapterSettings(PassSettings):
             return
         if self.target_modules:
             check_target_modules(self, names)
-        elif self.layers_to_adapt(model.model_type()) is None and not self._peft_knows(model.model_type()):
+        elif self.layers_to_adapt(model.model_type()) is None and not peft_default_targets(
+            self.default_targets_table, model.model_type()
+        ):
             raise UserError("target_modules", f"has no default for '{model.model_type()}' models",
                             f"name the layers to adapt, from: {', '.join(sorted(names))}")  # fmt: skip
-
-    def _peft_knows(self, model_type: str | None) -> bool:
-        from peft.utils import constants
-
-        return model_type in getattr(constants, self.default_targets_table)
 
     def trainer_arguments(self, checkpoint_dir: Path, has_eval: bool, placement: Placement | None = None):
         """transformers.TrainingArguments: Olive's defaults, then the config's, then what the step decides."""
@@ -340,7 +347,18 @@ def check_target_modules(settings: AdapterSettings, linear_names: set[str]) -> N
 
 
 def check_training_args(settings: AdapterSettings) -> None:
-    """Check the arguments' types and values before any work; the Trainer would only when it is built."""
+    """Check the arguments' types and values before any work; the Trainer would only when it is built.
+
+    The check imports transformers' Trainer (seconds), so arguments that passed are remembered per machine
+    and versions: a config checked once validates, and re-runs, without it.
+    """
+    evaluates = settings.eval_dataset_size is not None or settings.eval_data_config is not None
+    versions = [importlib.metadata.version(name) for name in ("transformers", "torch", "accelerate")]
+    key = [platform.node(), versions, settings.training_args, evaluates]  # the machine: whether it has a GPU
+    remembered("training-args-ok", key, lambda: _check_training_args(settings, evaluates) or True)
+
+
+def _check_training_args(settings: AdapterSettings, evaluates: bool) -> None:
     from pydantic import TypeAdapter, ValidationError
     from transformers.training_args import TrainingArguments
 
@@ -362,7 +380,6 @@ def check_training_args(settings: AdapterSettings) -> None:
     if steps == -1 and settings.training_args.get("num_train_epochs", 3) <= 0:
         raise UserError("training_args.num_train_epochs", "must be more than 0 when max_steps is not set",
                         "an untrained adapter is no adapter")  # fmt: skip
-    evaluates = settings.eval_dataset_size is not None or settings.eval_data_config is not None
     try:
         settings.trainer_arguments(Path("unused"), has_eval=evaluates)
     except (ValueError, TypeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import math
 import string
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
 from olive_grove.tasks.errors import UserError, first_line, located, nearest
-from olive_grove.tasks.files import hash_file, hash_value
+from olive_grove.tasks.files import hash_file, hash_value, remembered
 from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
     fetch_files,
@@ -251,7 +252,14 @@ def check_data(config: DataConfig, downloads: Path) -> None:
     check_data_files(config)
     load = config.load_dataset_config
     if load.data_name in LOCAL_FORMATS and load.data_files is not None:
-        check_text_columns(config, load_rows(config, downloads).column_names)
+        # Reading the rows imports datasets (a second): data that passed is known by its content.
+        columns = config.pre_process_data_config.columns
+        key = [fingerprint_data(config), list(columns), importlib.metadata.version("datasets")]
+        remembered("data-ok", key, lambda: _check_columns(config, downloads) or True)
+
+
+def _check_columns(config: DataConfig, downloads: Path) -> None:
+    check_text_columns(config, load_rows(config, downloads).column_names)
 
 
 def check_data_files(config: DataConfig) -> None:

@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 _CHUNK = 1 << 20
 # Names olive-grove keeps beside a step's files (its manifest, its evaluation samples); never published.
@@ -17,6 +18,8 @@ INTERNAL_PREFIX = ".olive-grove-"
 SOURCE_STAMP = ".olive-grove-source"
 # Answers that cost seconds to compute and depend only on what is installed and a model's config.
 USER_CACHE = Path.home() / ".cache" / "olive-grove"
+
+T = TypeVar("T")
 
 
 def hash_file(path: Path) -> str:
@@ -59,6 +62,17 @@ def read_memo(memo: Path | None, default: Any) -> Any:
         return json.loads(memo.read_text())
     except (OSError, ValueError):
         return default
+
+
+def remembered(kind: str, key: Any, compute: Callable[[], T]) -> T:
+    """An answer that costs seconds (importing transformers, building an empty model) and depends only on
+    `key` — installed versions, a config's values — computed once per key and kept in the user's cache."""
+    memo = USER_CACHE / f"{kind}-{hash_value(key)}.json"
+    value = read_memo(memo, None)
+    if value is None:
+        value = compute()
+        write_memo(memo, value)
+    return value
 
 
 def write_memo(memo: Path | None, value: Any) -> None:

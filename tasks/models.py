@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from olive_grove.tasks.artifact import Artifact, StepInfo
 from olive_grove.tasks.azureml import connect, find_model_folder
 from olive_grove.tasks.errors import Unreachable, UserError, first_line
-from olive_grove.tasks.files import USER_CACHE, hash_files, hash_value, move_into_place, read_memo, write_memo
+from olive_grove.tasks.files import hash_files, hash_value, move_into_place, remembered
 from olive_grove.tasks.storage import Remote, file_fingerprint, is_url
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -325,16 +325,13 @@ def linear_module_names(model_path: str, trust_remote_code: bool = False) -> set
     """
     config_file = Path(model_path) / "config.json"
     try:
-        text = config_file.read_text() if config_file.is_file() else None
-        memo_key = [json.loads(text), importlib.metadata.version("transformers")] if text else None
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
     except (OSError, ValueError) as exc:
         raise UserError("", f"cannot read the model's config: {first_line(exc)}") from None
-    memo = USER_CACHE / f"linear-names-{hash_value(memo_key)}.json" if memo_key else None
-    names = read_memo(memo, None)
-    if names is None:
-        names = _linear_names_of_empty_model(model_path, trust_remote_code)
-        write_memo(memo, names)
-    return set(names)
+    if config is None:  # a hub model: its config is read through transformers
+        return set(_linear_names_of_empty_model(model_path, trust_remote_code))
+    key = [config, importlib.metadata.version("transformers")]
+    return set(remembered("linear-names", key, lambda: _linear_names_of_empty_model(model_path, trust_remote_code)))
 
 
 def _linear_names_of_empty_model(model_path: str, trust_remote_code: bool) -> list[str]:

@@ -15,11 +15,12 @@ from prefect.logging import get_run_logger
 from prefect.transactions import get_transaction
 
 from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, TrainingProgress
-from olive_grove.tasks.caching import STEP_CACHE, StepContext, cache_options
+from olive_grove.tasks.caching import STEP_CACHE, cache_options
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.models import ModelInfo, ModelSource, resolve_model
 from olive_grove.tasks.passes import Step
 from olive_grove.tasks.quiet import quiet_libraries
+from olive_grove.tasks.step_cache import StepContext
 
 
 class RunLogReporter(Reporter):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from grove_helpers import LLAMA_MODULES, TONE_DATASET, grove, lora_pass, tiny_run_config, tree, write_project
 
-from olive_grove.tasks.caching import list_cache
+from olive_grove.tasks.step_cache import list_cache
 
 Edit = Callable[[dict[str, Any], Path], Any]
 

@@ -14,10 +14,10 @@ import pytest
 
 from olive_grove.tasks.adapter_settings import LoRASettings
 from olive_grove.tasks.artifact import Artifact
-from olive_grove.tasks.caching import (
+from olive_grove.tasks.caching import LiveHolderLockManager
+from olive_grove.tasks.step_cache import (
     HASHED_ON_EVERY_HIT,
     MANIFEST,
-    LiveHolderLockManager,
     StepContext,
     StepFolder,
     damage,
@@ -125,7 +125,7 @@ def test_a_damaged_entry_says_what_is_wrong(tmp_path: Path, harm, problem: str):
 
 
 def test_big_files_are_hashed_when_their_mtime_moved(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("olive_grove.tasks.caching.HASHED_ON_EVERY_HIT", 10)
+    monkeypatch.setattr("olive_grove.tasks.step_cache.HASHED_ON_EVERY_HIT", 10)
     final = _published(tmp_path, {"model.safetensors": b"a" * 100})
     path = final / "model.safetensors"
     stat = path.stat()
@@ -247,11 +247,11 @@ def test_a_live_holders_lock_is_held(tmp_path: Path):
 
 def test_a_copy_without_its_times_is_hashed_once_then_trusted(tmp_path: Path, monkeypatch):
     """cp -r gives every file a new mtime: the first hit hashes the big ones, later hits need not."""
-    monkeypatch.setattr("olive_grove.tasks.caching.HASHED_ON_EVERY_HIT", 10)
+    monkeypatch.setattr("olive_grove.tasks.step_cache.HASHED_ON_EVERY_HIT", 10)
     final = _published(tmp_path, {"model.safetensors": b"a" * 100})
     os.utime(final / "model.safetensors", ns=(1, 1))
     hashed = []
-    monkeypatch.setattr("olive_grove.tasks.caching.hash_file", lambda path: hashed.append(path) or _hash(path))
+    monkeypatch.setattr("olive_grove.tasks.step_cache.hash_file", lambda path: hashed.append(path) or _hash(path))
     assert damage(final) is None and damage(final) is None
     assert len(hashed) == 1
 
