@@ -27,7 +27,7 @@ from olive_grove.tasks.files import hash_files
 from olive_grove.tasks.passes import PASS_TYPES, PREPARE_DATASET, Step
 from olive_grove.tasks.quiet import quiet_library_defaults
 from olive_grove.tasks.step_cache import StepContext
-from olive_grove.tasks.steps import configured, fingerprint_base_model
+from olive_grove.tasks.steps import configured, fingerprint_base_model, model_fingerprint
 
 # Olive's log_severity_level, 0 (verbose) to 4 (fatal), as Python's levels.
 LOG_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
@@ -48,11 +48,23 @@ class StepRunner:
         return self._call(task, label, where, settings=settings, inputs=inputs, ctx=self.ctx)
 
     def fingerprint(self) -> Artifact:
-        task = fingerprint_base_model.with_options(
-            retries=self.ctx.retries, retry_delay_seconds=self.ctx.retry_delay_seconds, task_run_name="input_model"
-        )
-        return self._call(task, "input_model", {"": "input_model.model_path"}, source=self.cfg.model_source(),
-                          ctx=self.ctx)  # fmt: skip
+        """The base model's fingerprint. A local folder's comes from the hash memo (file sizes and times), so
+        it is taken here, without a task run; a model that must be fetched is a task, with retries."""
+        source, where = self.cfg.model_source(), {"": "input_model.model_path"}
+        if source.kind != "local":
+            task = fingerprint_base_model.with_options(
+                retries=self.ctx.retries, retry_delay_seconds=self.ctx.retry_delay_seconds, task_run_name="input_model"
+            )
+            return self._call(task, "input_model", where, source=source, ctx=self.ctx)
+        started = time.perf_counter()
+        try:
+            artifact = model_fingerprint(source, self.ctx)
+        except UserError as exc:
+            raise self.cfg.user_error(_relocated(exc, where)) from None
+        self.record.append(StepRecord(step="input_model", task="fingerprint_base_model", cached=False,
+                                      seconds=round(time.perf_counter() - started, 2), artifact=artifact))  # fmt: skip
+        get_run_logger().info("input_model: %s (fingerprint %s)", artifact.path, artifact.fingerprint[:12])
+        return artifact
 
     def _call(self, task, label: str, where: dict[str, str], **kwargs: Any) -> Artifact:
         started = time.perf_counter()

@@ -103,7 +103,12 @@ def _is_transient(task: Task, task_run, state) -> bool:
     return False
 
 
+def model_fingerprint(source: ModelSource, ctx: StepContext) -> Artifact[ModelInfo]:
+    """The base model, fetched if it must be, and its fingerprint (file hashes are memoized by size and mtime)."""
+    return resolve_model(source, Path(ctx.downloads), memo=Path(ctx.downloads) / "file-hashes.json")
+
+
 @task(name="fingerprint_base_model")
 def fingerprint_base_model(source: ModelSource, ctx: StepContext) -> Artifact[ModelInfo]:
-    """Never cached: its whole job is to notice that the base model changed."""
-    return resolve_model(source, Path(ctx.downloads), memo=Path(ctx.downloads) / "file-hashes.json")
+    """Never cached: its whole job is to notice that the base model changed (or fetch a new revision)."""
+    return model_fingerprint(source, ctx)

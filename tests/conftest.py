@@ -21,6 +21,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)  # never a real server
+os.environ["OLIVE_GROVE_LOCAL_SERVER"] = "temporary"  # grove run in-process: no server outliving the tests
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded, ever

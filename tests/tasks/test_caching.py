@@ -15,6 +15,8 @@ import pytest
 from olive_grove.tasks.adapter_settings import LoRASettings
 from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.caching import LiveHolderLockManager
+from olive_grove.tasks.files import hash_files, publish_copy
+from olive_grove.tasks.models import ModelInfo
 from olive_grove.tasks.step_cache import (
     HASHED_ON_EVERY_HIT,
     MANIFEST,
@@ -26,8 +28,6 @@ from olive_grove.tasks.step_cache import (
     remove_entry,
     step_key,
 )
-from olive_grove.tasks.files import hash_files, publish_copy
-from olive_grove.tasks.models import ModelInfo
 
 
 def _artifact(fingerprint: str, path: str = "/somewhere") -> Artifact:

@@ -1,0 +1,224 @@
+"""The local Prefect server `grove run` keeps for later runs, so that only the first run waits for one.
+
+Without PREFECT_API_URL, Prefect starts a temporary server for each run and stops it at the end — about
+ten seconds of every run on a small machine, cached or not. grove starts `prefect server start` once, in the
+background, on the same database (PREFECT_HOME), records it in PREFECT_HOME/olive-grove-server.json, and
+points each later run at it: every run is still a flow run with its task runs, in the database the UI
+reads, and the UI is there to see them. `grove server status` shows it and `grove server stop` stops it;
+OLIVE_GROVE_LOCAL_SERVER=temporary keeps Prefect's temporary server per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from olive_grove.tasks.errors import UserError
+
+PREFERRED_PORT = 4200  # Prefect's own default, where a user looks for the UI
+STARTUP_TIMEOUT_S = 180  # a busy 2-core machine can take a minute to migrate and start
+STOP_TIMEOUT_S = 15
+MODES = ("keep", "temporary")
+
+
+@dataclass
+class LocalServer:
+    """A server grove started: where its API answers, its process (group), its log."""
+
+    url: str
+    pid: int
+    log: str
+    started: float
+
+    @property
+    def ui(self) -> str:
+        return self.url.removesuffix("/api")
+
+    def alive(self) -> bool:
+        """Its process runs, and is a Prefect server (not another process that got its PID since)."""
+        with contextlib.suppress(ChildProcessError):  # started by this process: reap it if it exited
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:
+            return b"prefect" in Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError:
+            return True  # no /proc to ask
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+
+def prefect_home() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+def configured_api_url() -> str | None:
+    """The API a user configured (PREFECT_API_URL, in the environment or the active profile), if any."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def mode() -> str:
+    value = os.environ.get("OLIVE_GROVE_LOCAL_SERVER", "keep").strip().lower() or "keep"
+    if value not in MODES:
+        raise UserError("OLIVE_GROVE_LOCAL_SERVER", f"'{value}' is not a mode", f"one of {', '.join(MODES)}")
+    return value
+
+
+def _state_file(home: Path) -> Path:
+    return home / "olive-grove-server.json"
+
+
+def recorded(home: Path) -> LocalServer | None:
+    """The server grove started, if it is still running."""
+    try:
+        server = LocalServer(**json.loads(_state_file(home).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return server if server.alive() else None
+
+
+@contextlib.contextmanager
+def _only_one_starter(home: Path) -> Iterator[None]:
+    """Runs that start together agree on one server: the first starts it, the others wait and reuse it."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "olive-grove-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Starting:
+    """A server being started (or found running); `ready()` waits until it answers."""
+
+    def __init__(self, server: LocalServer, new: bool) -> None:
+        self.server, self.new = server, new
+
+    def ready(self) -> LocalServer:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.server.healthy():
+            if not self.server.alive():
+                raise ServerFailed(f"the local Prefect server stopped while starting: see {self.server.log}")
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"the local Prefect server did not answer in {STARTUP_TIMEOUT_S} s: see "
+                                   f"{self.server.log}")  # fmt: skip
+            time.sleep(0.2)
+        return self.server
+
+
+class ServerFailed(Exception):
+    """The background server could not be started; a run goes on with Prefect's temporary one."""
+
+
+def start(home: Path) -> Starting:
+    """The running server, or a new one starting in the background (it outlives this process)."""
+    with _only_one_starter(home):
+        server = recorded(home)
+        if server is not None:
+            return Starting(server, new=False)
+        port = _free_port()
+        log = home / "olive-grove-server.log"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED",
+                                                                               "false")}  # fmt: skip
+        env.pop("PREFECT_API_URL", None)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # Ctrl-C in the run's terminal does not reach it
+            )  # fmt: skip
+        server = LocalServer(url=f"http://127.0.0.1:{port}/api", pid=process.pid, log=str(log), started=time.time())
+        _state_file(home).write_text(json.dumps(asdict(server)))
+        return Starting(server, new=True)
+
+
+def stop(home: Path) -> LocalServer | None:
+    """Stop the server grove started; returns it, or None when none was running."""
+    with _only_one_starter(home):
+        server = recorded(home)
+        _state_file(home).unlink(missing_ok=True)
+    if server is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while server.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    return server
+
+
+def _free_port() -> int:
+    for port in (PREFERRED_PORT, 0):
+        with socket.socket() as probe:
+            probe.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as the server binds: a port just freed is free
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise ServerFailed("no free port on 127.0.0.1")
+
+
+def for_run(note) -> Starting | None:
+    """Start (or find) the kept server for a run, unless the user configured an API or asked for none.
+
+    Called before the run's checks, so a server that must start boots while they run.
+    """
+    if configured_api_url() or mode() == "temporary":
+        return None
+    try:
+        return start(prefect_home())
+    except (OSError, ServerFailed) as exc:
+        note(f"no local Prefect server ({exc}): this run uses a temporary one")
+        return None
+
+
+@contextlib.contextmanager
+def serving(starting: Starting | None, note) -> Iterator[None]:
+    """Point the Prefect client at the kept server for the run inside, once it answers."""
+    if starting is None:
+        yield
+        return
+    try:
+        server = starting.ready()
+    except ServerFailed as exc:
+        note(f"{exc}: this run uses a temporary server")
+        yield
+        return
+    if starting.new:
+        note(f"started a local Prefect server for this and later runs; its UI: {server.ui} "
+             "(grove server stop stops it)")  # fmt: skip
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.url}):
+        yield

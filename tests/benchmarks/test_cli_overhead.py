@@ -1,0 +1,36 @@
+"""The CLI benchmark's smoke mode: every case runs once and the JSON the README quotes is written.
+
+No timing is asserted: the figures come from the benchmark run itself (README, "What a run costs").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("cli_overhead", REPO / "benchmarks" / "cli_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_runs_every_case_and_writes_its_json(tmp_path: Path, capsys):
+    bench = load_benchmark()
+    bench.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")])
+    data = json.loads((tmp_path / "results" / "cpu-cli-smoke.json").read_text())
+    cases = {c["case"]: c for c in data["cases"]}
+    assert set(cases) == {"validate-cold", "validate", "first", "fresh", "cached", "cached-temporary"}
+    for case in cases.values():
+        assert case["ours_s"] > 0 and case["olive_s"] is None and case["ratio"] is None
+    assert "Olive not measured here" in data["note"]
+    out = capsys.readouterr().out
+    assert "| case | olive-grove s | Olive 0.13 s | ratio | target |" in out
+    # Every run went through the server grove kept, and the benchmark stopped it.
+    assert not (tmp_path / "work" / "home" / ".prefect" / "olive-grove-server.json").exists()

@@ -1,0 +1,98 @@
+"""The local Prefect server `grove run` keeps: started by the first run, reused by the next, seen and
+stopped from the CLI; runs land in its database as flow runs with their task runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from grove_helpers import tiny_run_config, write_project
+
+
+def _grove(*argv: str | Path, home: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PREFECT_HOME": str(home), **env}
+    environ.pop("OLIVE_GROVE_LOCAL_SERVER", None)  # the default a user has
+    environ.update(env)
+    return subprocess.run([sys.executable, "-m", "olive_grove.flows.cli", *map(str, argv)], env=environ,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _api(url: str, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.fixture
+def home(tmp_path: Path):
+    home = tmp_path / "prefect-home"
+    yield home
+    _grove("server", "stop", home=home)  # never left running by a failed test
+
+
+def test_first_run_starts_the_server_the_next_reuses_and_stop_stops(tiny_phi3: Path, tmp_path: Path, home: Path):
+    cfg = tiny_run_config(tiny_phi3, passes={"lora": {**tiny_run_config(tiny_phi3)["passes"]["lora"]}})
+    config = write_project(tmp_path / "project", cfg)
+    assert "no local Prefect server" in _grove("server", "status", home=home).stdout
+
+    first = _grove("run", "--config", config, home=home)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "started a local Prefect server for this and later runs" in first.stderr
+    state = json.loads((home / "olive-grove-server.json").read_text())
+
+    second = _grove("run", "--config", config, home=home)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "started a local Prefect server" not in second.stderr
+    assert "2 of 3 steps from cache" in second.stdout
+    assert json.loads((home / "olive-grove-server.json").read_text())["pid"] == state["pid"]
+
+    status = _grove("server", "status", home=home).stdout
+    assert f"pid {state['pid']}, answering" in status and state["url"].removesuffix("/api") in status
+
+    # Both runs are flow runs of `finetune` in the server's database, the second's steps from the cache.
+    runs = _api(state["url"], "/flow_runs/filter", {"sort": "START_TIME_ASC"})
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    tasks = _api(state["url"], "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[1]["id"]]}}})
+    assert sorted(t["name"] for t in tasks) == ["lora", "lora/dataset"]
+    assert {t["state_name"] for t in tasks} == {"Cached"}
+
+    stopped = _grove("server", "stop", home=home)
+    assert "stopped the local Prefect server" in stopped.stdout
+    assert not _alive(state["pid"]) and not (home / "olive-grove-server.json").exists()
+    # The database stays: the next server shows the same runs.
+
+
+def test_a_dead_servers_record_is_ignored(home: Path):
+    home.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (home / "olive-grove-server.json").write_text(json.dumps(
+        {"url": "http://127.0.0.1:1/api", "pid": int(dead.stdout), "log": "x", "started": 0}))  # fmt: skip
+    assert "no local Prefect server" in _grove("server", "status", home=home).stdout
+    assert "no local Prefect server was running" in _grove("server", "stop", home=home).stdout
+
+
+def test_an_unknown_mode_is_one_line_before_any_work(tmp_path: Path, home: Path, tiny_phi3: Path):
+    config = write_project(tmp_path / "project", tiny_run_config(tiny_phi3))
+    done = _grove("run", "--config", config, home=home, OLIVE_GROVE_LOCAL_SERVER="forever")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: OLIVE_GROVE_LOCAL_SERVER: 'forever' is not a mode (one of keep, temporary)"
+    assert not (tmp_path / "project" / "cache").exists() and not (home / "olive-grove-server.json").exists()
+
+
+def test_a_configured_api_is_used_instead(home: Path):
+    status = _grove("server", "status", home=home, PREFECT_API_URL="http://127.0.0.1:9/api").stdout
+    assert "runs use PREFECT_API_URL=http://127.0.0.1:9/api, not the local server" in status
