@@ -146,7 +146,8 @@ class Tools:
         subprocess.run([*self.grove, "server", "stop"], env=self.env, capture_output=True)
 
 
-def measure(rounds: int, tools: Tools, ours: Project, theirs: Project, with_server: bool) -> list[Case]:
+def measure(rounds: int, tools: Tools, ours: Project, theirs: Project, full: bool) -> list[Case]:
+    """Every case, Olive's run beside ours; without `full` (the smoke mode) only first, validate, cached."""
     cases = {
         "validate-cold": Case("validate-cold", "grove validate, nothing remembered yet (imports the Trainer)"),
         "validate": Case("validate", "grove validate of a config checked once before"),
@@ -162,24 +163,27 @@ def measure(rounds: int, tools: Tools, ours: Project, theirs: Project, with_serv
         # First on this machine: grove starts its server and learns what is installed; Olive has no such cost.
         tools.stop_server()
         shutil.rmtree(memos, ignore_errors=True)
-        cases["validate-cold"].ours.append(tools.ours(ours, "validate"))
-        shutil.rmtree(memos, ignore_errors=True)
+        if full:
+            cases["validate-cold"].ours.append(tools.ours(ours, "validate"))
+            shutil.rmtree(memos, ignore_errors=True)
         ours.clean(), theirs.clean()
         cases["first"].ours.append(tools.ours(ours, "run"))
         if tools.olive:
             cases["first"].olive.append(tools.theirs(theirs))
         cases["validate"].ours.append(tools.ours(ours, "validate"))
-        ours.clean(), theirs.clean()
-        if tools.olive:
-            cases["fresh"].olive.append(tools.theirs(theirs))
-        cases["fresh"].ours.append(tools.ours(ours, "run"))
+        if full:
+            ours.clean(), theirs.clean()
+            if tools.olive:
+                cases["fresh"].olive.append(tools.theirs(theirs))
+            cases["fresh"].ours.append(tools.ours(ours, "run"))
         cases["cached"].ours.append(tools.ours(ours, "run"))
         if tools.olive:
             cases["cached"].olive.append(tools.theirs(theirs))
-        temporary = {**tools.env, "OLIVE_GROVE_LOCAL_SERVER": "temporary"}
-        cases["cached-temporary"].ours.append(tools.ours(ours, "run", env=temporary))
-    found = list(cases.values())
-    if with_server:
+        if full:
+            temporary = {**tools.env, "OLIVE_GROVE_LOCAL_SERVER": "temporary"}
+            cases["cached-temporary"].ours.append(tools.ours(ours, "run", env=temporary))
+    found = [case for case in cases.values() if case.ours]
+    if full:
         found += measure_with_server(rounds, tools, ours, theirs)
     tools.stop_server()
     return found
@@ -237,7 +241,7 @@ def table(rows: list[dict], olive_note: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="one round, no Olive, no separate server")
+    parser.add_argument("--smoke", action="store_true", help="one round of first, validate and cached; no Olive")
     parser.add_argument("--olive", type=Path, default=os.environ.get("OLIVE_BIN"), help="Olive 0.13's `olive`")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                        env=env, check=True, capture_output=True)  # fmt: skip
     tools = Tools(work, olive, env)
     ours, theirs = Project(work / "olive-grove", model), Project(work / "olive", model)
-    cases = measure(rounds, tools, ours, theirs, with_server=not args.smoke)
+    cases = measure(rounds, tools, ours, theirs, full=not args.smoke)
     rows = [c.row() for c in cases]
     print(table(rows, olive_note))
     result = {

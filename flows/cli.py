@@ -120,11 +120,13 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.set_defaults(handler=cmd_blocks_set_azure_storage)
 
-    server = commands.add_parser("server", help="the local Prefect server grove run keeps").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    server.add_parser("status", help="where it is, and whether it answers").set_defaults(handler=cmd_server_status)
-    server.add_parser("stop", help="stop it (the next grove run starts it again)").set_defaults(handler=cmd_server_stop)
+    sub = command("server", cmd_server, "the Prefect UI for starting runs: a server, the work pool, the "
+                  "deployments and a worker, until Ctrl-C")  # fmt: skip
+    sub.add_argument("action", nargs="?", choices=["status", "stop"],
+                     help="status: the local server grove run keeps; stop: stop it")  # fmt: skip
+    sub.add_argument("--pool", default="local", help="the process work pool to serve (default: local)")
+    sub.add_argument("--with", dest="extras", default="", metavar="NAMES",
+                     help="more deployments to register: nightly (the config at 02:00 UTC)")  # fmt: skip
 
     cache = commands.add_parser("cache", help="list or prune cached step results").add_subparsers(
         required=True, metavar="ACTION"
@@ -223,6 +225,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return cmd_server_status(args)
+    if args.action == "stop":
+        return cmd_server_stop(args)
+    from olive_grove.flows.serve import parse_extras, serve
+
+    return serve(args.pool, parse_extras(args.extras), print)
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:

@@ -57,7 +57,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise UserError(where, "is a folder, not a config file", "give the JSON or YAML file inside it")
     if not path.is_file():
-        raise UserError(where, "no such config file")
+        at = "" if path.is_absolute() else f" at {path.absolute()}"
+        raise UserError(where, f"no such config file{at}", "give its path on the machine that runs the flow")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise UserError(where, f"is {size:,} bytes; a run config is at most {MAX_CONFIG_BYTES:,}", "is this a config?")
