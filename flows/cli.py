@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-new-tokens", type=_positive, default=32)
     sub.add_argument("--base", help="base model of an adapter, if its adapter_config.json names none")
     sub.add_argument("--adapter", help="an ONNX model's adapter (adapters/NAME.onnx_adapter) to generate with")
+    sub.add_argument("--ep", choices=["cpu"], help="run an ONNX model on the CPU, whatever it was built for")
 
     sub = command("init", cmd_init, "lay out a project like Olive's E2E sample, with a config in it")
     sub.add_argument("dir", type=Path)
@@ -404,7 +405,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise UserError(str(args.prompts_file), "holds no prompt", "one prompt per line")
     else:
         prompts = [args.prompt]
-    for prompt, text in zip(prompts, generate(args.model, prompts, args.max_new_tokens, args.base, args.adapter)):
+    outputs = generate(args.model, prompts, args.max_new_tokens, args.base, args.adapter, on_cpu=args.ep == "cpu")
+    for prompt, text in zip(prompts, outputs):
         print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
     return 0
 

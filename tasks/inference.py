@@ -24,11 +24,18 @@ def model_kind(path: Path) -> str:
 
 
 def generate(
-    path: Path, prompts: list[str], max_new_tokens: int = 32, base: str | None = None, adapter: str | None = None
+    path: Path,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    base: str | None = None,
+    adapter: str | None = None,
+    on_cpu: bool = False,
 ) -> list[str]:
+    """Greedy completions of each prompt; `on_cpu` runs an ONNX model on the CPU whatever it was built for
+    (Hugging Face folders always run on the CPU here)."""
     kind = model_kind(path)
     if kind == "onnx":
-        return generate_onnx(path, prompts, max_new_tokens, adapter)
+        return generate_onnx(path, prompts, max_new_tokens, adapter, on_cpu)
     if adapter:
         raise UserError("--adapter", "picks one of an ONNX model's adapters", f"{path} is a {kind} model folder")
     return generate_hf(path, prompts, max_new_tokens, adapter=kind == "adapter", base=base)
@@ -39,13 +46,55 @@ def adapter_names(path: Path) -> list[str]:
     return sorted(p.stem for p in (path / "adapters").glob("*.onnx_adapter"))
 
 
-def generate_onnx(path: Path, prompts: list[str], max_new_tokens: int, adapter: str | None = None) -> list[str]:
+# ONNX Runtime GenAI's provider names (genai_config.json), the build that has each, and how to ask for it.
+PROVIDER_BUILDS = {
+    "cuda": (
+        "is_cuda_available",
+        "on a CUDA machine: pip uninstall -y onnxruntime-genai onnxruntime && pip install onnxruntime-genai-cuda",
+    ),
+    "dml": ("is_dml_available", "pip install onnxruntime-genai-directml, on Windows"),
+    "openvino": ("is_openvino_available", "the OpenVINO build of onnxruntime-genai"),
+    "qnn": ("is_qnn_available", "the QNN build of onnxruntime-genai, on a Snapdragon machine"),
+    "webgpu": ("is_webgpu_available", "a WebGPU build of onnxruntime-genai"),
+}
+
+
+def model_providers(path: Path) -> list[str]:
+    """The execution providers an ONNX model folder was built for (none listed: the CPU)."""
+    try:
+        config = json.loads((path / "genai_config.json").read_text())
+        listed = config["model"]["decoder"]["session_options"].get("provider_options", [])
+        return [name for options in listed for name in options]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(str(path / "genai_config.json"), "is not an ONNX Runtime GenAI config",
+                        "build the model again") from None  # fmt: skip
+
+
+def open_onnx_model(path: Path, on_cpu: bool):
+    """The model on the providers it was built for, or on the CPU; a provider this install lacks is one line."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(path))
+    if on_cpu:
+        config.clear_providers()
+        return og.Model(config)
+    for name in model_providers(path):
+        check, install = PROVIDER_BUILDS.get(name, (None, ""))
+        if check is not None and not getattr(og, check)():
+            raise UserError(str(path), f"is built for {name}, which this onnxruntime-genai cannot run",
+                            f"{install}; or generate on the CPU: --ep cpu")  # fmt: skip
+    return og.Model(config)
+
+
+def generate_onnx(
+    path: Path, prompts: list[str], max_new_tokens: int, adapter: str | None = None, on_cpu: bool = False
+) -> list[str]:
     import onnxruntime_genai as og
 
     if adapter and adapter not in adapter_names(path):
         raise UserError("--adapter", f"{path} has no adapter {adapter!r}",
                         nearest(adapter, adapter_names(path)) or "it has no adapters")  # fmt: skip
-    model = og.Model(str(path))
+    model = open_onnx_model(path, on_cpu)
     tokenizer = og.Tokenizer(model)
     adapters = None
     if adapter:

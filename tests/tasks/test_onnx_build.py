@@ -9,6 +9,7 @@ import onnx
 import pytest
 from grove_helpers import Recorder, model_artifact, step_files
 
+from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.inference import generate, model_kind
 from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
 
@@ -65,6 +66,14 @@ def test_fp32_llama_builds_and_generates(tiny_llama: Path, tmp_path: Path):
     assert model_kind(out) == "onnx"
     [text] = generate(out, ["### Text: I miss him.\n### The tone is:\n"], max_new_tokens=4)
     assert isinstance(text, str)
+
+    # The same model as if built for CUDA: this CPU build of ONNX Runtime GenAI says so, and runs it on the CPU.
+    genai["model"]["decoder"]["session_options"]["provider_options"] = [{"cuda": {"enable_cuda_graph": "0"}}]
+    (out / "genai_config.json").write_text(json.dumps(genai))
+    with pytest.raises(UserError, match="is built for cuda, which this onnxruntime-genai cannot run") as error:
+        generate(out, ["hi"], max_new_tokens=2)
+    assert "pip install onnxruntime-genai-cuda; or generate on the CPU: --ep cpu" in error.value.line()
+    assert generate(out, ["### Text: I miss him.\n### The tone is:\n"], max_new_tokens=4, on_cpu=True) == [text]
 
 
 def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, tmp_path: Path):
