@@ -207,7 +207,6 @@ class AdapterSettings(PassSettings):
             "save_total_limit": 2,
             "logging_steps": 10,
             "ddp_find_unused_parameters": False,  # the frozen base has no gradients to wait for
-            "disable_tqdm": True,  # progress is the run log's step lines and the progress artifact
             **self.training_args,
             "output_dir": str(checkpoint_dir),
             "report_to": "none",

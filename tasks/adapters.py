@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -288,7 +289,8 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def progress_callbacks(report: Reporter) -> list:
-    """A terminal progress bar without the Trainer's raw log dicts, and progress for whoever shows it.
+    """A progress bar in a terminal (not in a worker's log, where it would be noise), without the Trainer's
+    raw log dicts, and progress for whoever shows it.
 
     A loss is logged with the step it was measured at, so the log and the report's loss curve agree.
     """
@@ -328,7 +330,7 @@ def progress_callbacks(report: Reporter) -> list:
                 self.waiting_for_log = False
                 report.progress(self.update(state))
 
-    return [TerminalBar(), Progress()]
+    return [TerminalBar(), Progress()] if sys.stderr.isatty() else [Progress()]
 
 
 def _close_progress_bars(trainer) -> None:

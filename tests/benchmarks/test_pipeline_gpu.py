@@ -1,0 +1,33 @@
+"""The pipeline benchmark's CPU smoke mode: every step of the guide's run, each in its own process, measured
+and written to the JSON. No timing or memory size is asserted: those are measured on a GPU machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("pipeline_gpu", REPO / "benchmarks" / "pipeline_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_pipeline_measures_every_step(tmp_path: Path, capsys):
+    bench = load_benchmark()
+    bench.main(["--tiny", "--steps", "2", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
+    [written] = (tmp_path / "results").glob("tiny-*-pipeline.json")  # tiny-cpu-... here, tiny-h200-... on a GPU
+    data = json.loads(written.read_text())
+    steps = {row["step"]: row for row in data["steps"]}
+    assert list(steps) == ["dataset", "lora", "merge", "int4-cuda", "int4-cpu"]
+    for row in steps.values():
+        assert row["seconds"] > 0 and row["host_peak_gib"] > 0
+    assert steps["lora"]["info"]["steps"] == 2
+    assert data["goal"]["met"] is None  # a tiny model says nothing of Phi-3-mini's build
+    assert "| step | function | seconds | host peak GiB | GPU peak GiB |" in capsys.readouterr().out
