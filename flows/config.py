@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -147,6 +148,9 @@ class EngineConfig(Settings):
     enable_shared_cache: Any = no_effect("a cache_dir URL is shared by every machine that runs the config")
 
 
+PASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 class RunConfig(Settings):
     """One fine-tuning run: the base model, data, passes in order, and where things go."""
 
@@ -161,6 +165,16 @@ class RunConfig(Settings):
     evaluators: Any = no_effect(NO_EVALUATORS)
     workflow_id: Any = no_effect("each run is a Prefect flow run with its own id")
     auto_optimizer_config: Any = no_effect("every pass runs as configured")
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _names_are_folder_names(cls, passes: Any) -> Any:
+        """A pass's name names its outputs (adapters/<name>, <name>.onnx_adapter): a plain file name."""
+        for name in passes if isinstance(passes, dict) else []:
+            if not PASS_NAME.fullmatch(str(name)) or set(str(name)) == {"."}:
+                raise UserError(repr(str(name)), "is not a usable pass name",
+                                "letters, digits, '_', '-' and '.', starting with a letter or digit")  # fmt: skip
+        return passes
 
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
@@ -227,7 +241,7 @@ def check_pass_order(cfg: RunConfig) -> None:
     previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
     before = "input_model"
     pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []  # adapters not merged
-    built_with_adapter = False
+    built_with_adapter, built = False, []
     for name, settings in cfg.passes.items():
         entry, where = PASS_TYPES[settings.type], f"passes.{name}"
         if previous not in entry.after:
@@ -242,10 +256,16 @@ def check_pass_order(cfg: RunConfig) -> None:
                 kind = cfg.passes[unbuildable[0]].type
                 problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
                 raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
-            built_with_adapter = True
+            built_with_adapter, built = True, list(pending)
         if entry.step is EXTRACT_ADAPTERS and not built_with_adapter:
             raise UserError(where, "has no LoRA layers to extract: ModelBuilder built the model without an adapter",
                             "put the LoRA passes before ModelBuilder, without a merge between")  # fmt: skip
+        if entry.step is EXTRACT_ADAPTERS:
+            whole = [p for p in built if p in cfg.passes and cfg.passes[p].modules_to_save]
+            if whole:
+                raise UserError(f"passes.{whole[0]}.modules_to_save", "trains whole layers, which cannot be swapped "
+                                "as an ONNX adapter (the base would carry this adapter's copy)",
+                                "train without modules_to_save, or merge the adapter instead")  # fmt: skip
         if entry.gives == "adapter":
             pending.append(name)
         elif entry.gives == "model":

@@ -186,6 +186,9 @@ def _training_args(pass_cfg: dict[str, Any], path: str, out: Normalised) -> None
                         f"(got {ratio})", "a fraction of the training steps")  # fmt: skip
     for old, new in LEGACY_TRAINING_ARGS.items():
         if old in args:
+            if new in args:
+                raise UserError(out.user_path(f"{path}.training_args.{old}"), f"is given beside {new}, its name "
+                                "in this transformers", f"give one of {old} and {new}")  # fmt: skip
             args[new] = args.pop(old)
             out.notes.append(f"{path}.training_args.{old} is read as {new}")
     for key, why in OLIVE_OWNED_TRAINING_ARGS.items():

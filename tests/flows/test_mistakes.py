@@ -445,6 +445,19 @@ FOUND: dict[str, tuple[Edit, str]] = {
     "outputs-in-the-cache": (_engine(cache_dir="cache", output_dir="cache/steps"), "output_dir: "),
     "old-and-new-name": (_lora(lora_r=8), "passes.lora.lora_r: is r by its older name, and r is set too"),
     "warmup-ratio-above-one": (_training_args(warmup_ratio=5), "passes.lora.training_args.warmup_ratio: "),
+    # the third prober (issue 20's passes)
+    "warmup-by-both-names": (_training_args(warmup_ratio=0.1, warmup_steps=5),
+                             "passes.lora.training_args.warmup_ratio: is given beside warmup_steps"),
+    "eval-strategy-by-both-names": (_training_args(evaluation_strategy="steps", eval_strategy="no"),
+                                    "passes.lora.training_args.evaluation_strategy: is given beside eval_strategy"),
+    "pass-name-a-path": (lambda cfg, root: cfg.update(passes={"../../evil": cfg["passes"]["lora"]}),
+                         "passes.'../../evil': is not a usable pass name"),
+    "pass-name-empty": (lambda cfg, root: cfg.update(passes={"": cfg["passes"]["lora"]}),
+                        "passes.'': is not a usable pass name"),
+    "whole-layers-extracted": (lambda cfg, root: cfg.update(passes={
+        "a": lora_pass(LLAMA_MODULES, modules_to_save=["lm_head"]), "b": lora_pass(LLAMA_MODULES),
+        "builder": {"type": "ModelBuilder", "precision": "fp32"}, "extract": {"type": "ExtractAdapters"}}),
+        "passes.a.modules_to_save: trains whole layers, which cannot be swapped as an ONNX adapter"),
 }  # fmt: skip
 FOUND_NAMES = {"index-of-numbers": "is not a weight index", "index-a-list": "is not a weight index",
                "header-a-list": "damaged safetensors header", "header-without-offsets": "damaged safetensors header",
