@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     starting = local_server.for_run(_note)  # a server that must start boots while the config is checked
     options, _, _ = checked_config(args)  # a bad config fails here, before any step starts
-    with local_server.serving(starting, _note):
+    with local_server.serving(starting, _note), local_server.terminal_run():
         from olive_grove.flows.finetune import finetune
 
         state = finetune(config=str(args.config.resolve()), options=options, return_state=True)

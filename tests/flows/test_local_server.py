@@ -96,3 +96,17 @@ def test_an_unknown_mode_is_one_line_before_any_work(tmp_path: Path, home: Path,
 def test_a_configured_api_is_used_instead(home: Path):
     status = _grove("server", "status", home=home, PREFECT_API_URL="http://127.0.0.1:9/api").stdout
     assert "runs use PREFECT_API_URL=http://127.0.0.1:9/api, not the local server" in status
+
+
+def test_terminal_runs_send_no_heartbeats_unless_configured(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from olive_grove.flows.local_server import terminal_run
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    with terminal_run():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")  # asked for: Prefect's setting is left as it is
+    before = get_current_settings().flows.heartbeat_frequency
+    with terminal_run():
+        assert get_current_settings().flows.heartbeat_frequency == before is not None
