@@ -241,7 +241,7 @@ def check_pass_order(cfg: RunConfig) -> None:
     previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
     before = "input_model"
     pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []  # adapters not merged
-    built_with_adapter, built = False, []
+    built_with_adapter, built, graph_written, builder, previous_step = False, [], True, "", None
     for name, settings in cfg.passes.items():
         entry, where = PASS_TYPES[settings.type], f"passes.{name}"
         if previous not in entry.after:
@@ -257,9 +257,16 @@ def check_pass_order(cfg: RunConfig) -> None:
                 problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
                 raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
             built_with_adapter, built = True, list(pending)
+        if entry.step is BUILD_ONNX_MODEL:
+            graph_written, builder = settings.writes_graph, where
         if entry.step is EXTRACT_ADAPTERS and not built_with_adapter:
             raise UserError(where, "has no LoRA layers to extract: ModelBuilder built the model without an adapter",
                             "put the LoRA passes before ModelBuilder, without a merge between")  # fmt: skip
+        if entry.step is EXTRACT_ADAPTERS and previous_step is EXTRACT_ADAPTERS:
+            raise UserError(where, f"extracts the adapters {before} extracted", "one ExtractAdapters is enough")
+        if entry.step is EXTRACT_ADAPTERS and not graph_written:
+            raise UserError(where, f"has no model graph to take the LoRA layers from: {builder} writes only its "
+                            "config (metadata_only)", "build the model with metadata_only: false")  # fmt: skip
         if entry.step is EXTRACT_ADAPTERS:
             whole = [p for p in built if p in cfg.passes and cfg.passes[p].modules_to_save]
             if whole:
@@ -270,7 +277,7 @@ def check_pass_order(cfg: RunConfig) -> None:
             pending.append(name)
         elif entry.gives == "model":
             pending = []
-        previous, before = entry.gives, where
+        previous, before, previous_step = entry.gives, where, entry.step
 
 
 def _lora_kind(settings: Any) -> bool:
@@ -332,6 +339,10 @@ def load_run_config(
 def check_pass_types(raw: dict[str, Any], normalised: Normalised) -> None:
     """A config with passes olive-grove does not run fails on that first, naming them all."""
     passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
+    for name, settings in passes.items():
+        if isinstance(settings, dict) and "type" not in settings:
+            raise UserError(normalised.user_path(f"passes.{name}.type"), "is required",
+                            f"olive-grove runs {', '.join(PASS_TYPES)}")  # fmt: skip
     others = {n: p["type"] for n, p in passes.items() if isinstance(p, dict) and isinstance(p.get("type"), str)
               and p["type"] not in PASS_TYPES}  # fmt: skip
     if not others:

@@ -31,7 +31,9 @@ class ExtractAdaptersSettings(PassSettings):
     type: Literal["ExtractAdapters"] = "ExtractAdapters"
     adapter_type: Literal["lora"] = Field("lora", description="ModelBuilder builds LoRA adapters unmerged")
     make_inputs: Literal[True] = Field(True, description="the LoRA weights become inputs of the model")
-    dynamic_lora_r: bool = Field(True, description="the rank is a free dimension: adapters of any rank load")
+    dynamic_lora_r: Literal[True] = Field(
+        True, description="the rank is a free dimension (a fixed rank clashes with the empty default weights)"
+    )
     optional_inputs: bool = Field(True, description="without an adapter, the LoRA layers add nothing")
     save_format: Literal["onnx_adapter"] = Field("onnx_adapter", description="what og.Adapters loads")
     save_as_external_data: Any = no_effect(EXTERNAL_DATA)

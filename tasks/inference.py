@@ -37,7 +37,7 @@ def generate(
     if kind == "onnx":
         return generate_onnx(path, prompts, max_new_tokens, adapter, on_cpu)
     if adapter:
-        raise UserError("--adapter", "picks one of an ONNX model's adapters", f"{path} is a {kind} model folder")
+        raise UserError("--adapter", "picks one of an ONNX model's adapters", f"{path} holds a {kind} model")
     return generate_hf(path, prompts, max_new_tokens, adapter=kind == "adapter", base=base)
 
 
@@ -89,12 +89,41 @@ def open_onnx_model(path: Path, on_cpu: bool):
 def generate_onnx(
     path: Path, prompts: list[str], max_new_tokens: int, adapter: str | None = None, on_cpu: bool = False
 ) -> list[str]:
-    import onnxruntime_genai as og
 
     if adapter and adapter not in adapter_names(path):
         raise UserError("--adapter", f"{path} has no adapter {adapter!r}",
                         nearest(adapter, adapter_names(path)) or "it has no adapters")  # fmt: skip
-    model = open_onnx_model(path, on_cpu)
+    context = _context_length(path)
+    if context and max_new_tokens >= context:
+        raise UserError("--max-new-tokens", f"{max_new_tokens} is more than the model's context ({context} tokens)",
+                        f"at most {context - 1}, less the prompt")  # fmt: skip
+    try:
+        model = open_onnx_model(path, on_cpu)
+        return _generate(model, path, prompts, max_new_tokens, adapter)
+    except RuntimeError as exc:  # ONNX Runtime's refusals of this folder: a part of a model, missing weights
+        raise UserError(str(path), f"ONNX Runtime GenAI cannot run it: {first_line(exc, 160)}",
+                        _why_not(str(exc), path)) from None  # fmt: skip
+
+
+def _why_not(error: str, path: Path) -> str:
+    if "Missing Input" in error and adapter_names(path):
+        return f"its LoRA weights are inputs: give --adapter, one of {', '.join(adapter_names(path))}"
+    if "was not found" in error or "doesn't exist" in error:
+        return "it is part of a model: built with exclude_embeds, exclude_lm_head or metadata_only"
+    return ""
+
+
+def _context_length(path: Path) -> int | None:
+    try:
+        length = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return length if isinstance(length, int) else None
+
+
+def _generate(model, path: Path, prompts: list[str], max_new_tokens: int, adapter: str | None) -> list[str]:
+    import onnxruntime_genai as og
+
     tokenizer = og.Tokenizer(model)
     adapters = None
     if adapter:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from olive_grove.tasks.adapters import AdapterInfo
-from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, StepFiles, StepInfo
+from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.models import ModelFacts, ModelInfo
 
@@ -21,6 +21,26 @@ EXECUTION_PROVIDERS = {
     "WebGpuExecutionProvider": "webgpu",
     "NvTensorRTRTXExecutionProvider": "NvTensorRtRtx",
 }
+
+
+class SearchOptions(Settings):
+    """genai_config.json's `search` section: ONNX Runtime GenAI refuses a model whose section it cannot read."""
+
+    max_length: int | None = Field(None, gt=0)
+    min_length: int | None = Field(None, ge=0)
+    do_sample: bool | None = None
+    num_beams: int | None = Field(None, gt=0)
+    num_return_sequences: int | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    length_penalty: float | None = None
+    diversity_penalty: float | None = None
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    early_stopping: bool | None = None
+    past_present_share_buffer: bool | None = None
+    random_seed: int | None = None
 
 
 class ModelBuilderSettings(PassSettings):
@@ -36,9 +56,11 @@ class ModelBuilderSettings(PassSettings):
         None, description="least accuracy of MatMul in int4: 1 fp32, 2 fp16, 3 bf16, 4 int8"
     )
     int4_is_symmetric: bool | None = Field(None, description="quantize int4 weights symmetrically")
-    int4_op_types_to_quantize: list[str] | None = Field(None, description="op types int4 quantization targets")
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = Field(
+        None, description="op types int4 quantization targets"
+    )
     int4_nodes_to_exclude: list[str] | None = Field(None, description="nodes int4 quantization leaves alone")
-    int4_algo_config: str | None = Field(None, description="int4 quantization method: default, rtn, k_quant, ...")
+    int4_algo_config: Literal["default", "rtn", "k_quant"] | None = Field(None, description="int4 quantization method")
     use_qdq: bool | None = Field(None, description="use the QDQ decomposition for ops")
     use_8bits_moe: bool | None = Field(None, description="8-bit MoE layers")
     use_webgpu_fp32: bool | None = Field(None, description="fp32 inputs and outputs for WebGPU")
@@ -48,7 +70,7 @@ class ModelBuilderSettings(PassSettings):
     exclude_lm_head: bool | None = Field(None, description="leave the language-model head out")
     enable_cuda_graph: bool | None = Field(None, description="capture CUDA graphs when the model runs")
     metadata_only: bool = Field(False, description="write genai_config.json and the tokenizer only")
-    search: dict[str, Any] | None = Field(None, description="genai_config search options, e.g. max_length")
+    search: SearchOptions | None = Field(None, description="genai_config search options, e.g. max_length")
     extra_options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder as is, last")
 
     @property
@@ -56,7 +78,18 @@ class ModelBuilderSettings(PassSettings):
         """The execution provider it builds for: its own, or the run's (which the config fills in), or CPU."""
         return self.execution_provider or "cpu"
 
+    @property
+    def writes_graph(self) -> bool:
+        """Whether it writes model.onnx (metadata_only and the builder's config_only write the config alone)."""
+        return not (self.metadata_only or str(self.extra_options.get("config_only", "")).lower() in ("true", "1"))
+
     def check_before_work(self, model: ModelFacts) -> None:
+        if self.use_qdq and "Gather" in (self.int4_op_types_to_quantize or []):
+            raise UserError("int4_op_types_to_quantize", "Gather is quantized in the QOperator format only",
+                            "leave Gather out with use_qdq, or set use_qdq: false")  # fmt: skip
+        block = self.extra_options.get("block_size")
+        if block is not None and str(block) not in ("16", "32", "64", "128", "256"):
+            raise UserError("extra_options.block_size", f"must be 16, 32, 64, 128 or 256 (got {block!r})")
         if self.precision == "bf16" and self.provider == "cpu":
             raise UserError("precision", "bf16 models do not run on the CPU execution provider",
                             "use int4, int8, fp16 or fp32 for cpu")  # fmt: skip
@@ -125,7 +158,7 @@ def build_onnx_model(
     ):
         create_model(*args, **parse_extra_options(*args, options))
     if settings.search:
-        _set_search_options(files.out / "genai_config.json", settings.search)
+        _set_search_options(files.out / "genai_config.json", settings.search.model_dump(exclude_none=True))
     report.log(f"built {settings.precision} ONNX model for {provider}" + (" with LoRA layers" if adapter else ""))
     size = sum(p.stat().st_size for p in files.out.iterdir() if p.is_file())
     return OnnxInfo(precision=settings.precision, execution_provider=provider, size_bytes=size,

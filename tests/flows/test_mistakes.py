@@ -415,6 +415,19 @@ def _text(**settings: Any) -> Edit:
     return lambda cfg, root: cfg["data_configs"][0]["pre_process_data_config"].update(settings)
 
 
+def _builder(**settings: Any) -> Edit:
+    return lambda cfg, root: cfg["passes"].update(builder={"type": "ModelBuilder", "precision": "int4", **settings})
+
+
+def _extracting(more: dict[str, Any], extract: dict[str, Any] | None = None, **builder: Any) -> Edit:
+    """LoRA -> ModelBuilder (with `builder` settings) -> ExtractAdapters (with `extract`) -> `more` passes."""
+    return lambda cfg, root: cfg["passes"].update(
+        builder={"type": "ModelBuilder", "precision": "fp32", **builder},
+        extract={"type": "ExtractAdapters", **(extract or {})},
+        **more,
+    )
+
+
 FOUND: dict[str, tuple[Edit, str]] = {
     "empty-data-file": (_data_file("empty.json", b""), "data_configs[0].load_dataset_config: could not load"),
     "no-files-in-a-split": (lambda cfg, root: cfg["data_configs"][0]["load_dataset_config"].update(
@@ -458,6 +471,21 @@ FOUND: dict[str, tuple[Edit, str]] = {
         "a": lora_pass(LLAMA_MODULES, modules_to_save=["lm_head"]), "b": lora_pass(LLAMA_MODULES),
         "builder": {"type": "ModelBuilder", "precision": "fp32"}, "extract": {"type": "ExtractAdapters"}}),
         "passes.a.modules_to_save: trains whole layers, which cannot be swapped as an ONNX adapter"),
+    "algo-unknown": (_builder(int4_algo_config="bogus"), "passes.builder.int4_algo_config: Input should be"),
+    "qdq-with-gather": (_builder(use_qdq=True, int4_op_types_to_quantize=["MatMul", "Gather"]),
+                        "passes.builder.int4_op_types_to_quantize: Gather is quantized in the QOperator format only"),
+    "block-size-in-extra-options": (_builder(extra_options={"block_size": 48}),
+                                    "passes.builder.extra_options.block_size: must be 16, 32, 64, 128 or 256"),
+    "op-type-unknown": (_builder(int4_op_types_to_quantize=["Conv2D"]),
+                        "passes.builder.int4_op_types_to_quantize[0]: Input should be 'MatMul' or 'Gather'"),
+    "search-typo": (_builder(search={"max_lenght": 100}), "passes.builder.search.max_lenght: unknown key"),
+    "search-wrong-type": (_builder(search={"max_length": "long"}), "passes.builder.search.max_length: "),
+    "extract-twice": (_extracting({"extract2": {"type": "ExtractAdapters"}}),
+                      "passes.extract2: extracts the adapters passes.extract extracted"),
+    "extract-after-metadata-only": (_extracting({}, metadata_only=True),
+                                    "passes.extract: has no model graph to take the LoRA layers from"),
+    "fixed-lora-rank": (_extracting({}, extract={"dynamic_lora_r": False}), "passes.extract.dynamic_lora_r: "),
+    "pass-without-type": (lambda cfg, root: cfg["passes"]["lora"].pop("type"), "passes.lora.type: is required"),
 }  # fmt: skip
 FOUND_NAMES = {"index-of-numbers": "is not a weight index", "index-a-list": "is not a weight index",
                "header-a-list": "damaged safetensors header", "header-without-offsets": "damaged safetensors header",

@@ -74,6 +74,15 @@ def test_fp32_llama_builds_and_generates(tiny_llama: Path, tmp_path: Path):
         generate(out, ["hi"], max_new_tokens=2)
     assert "pip install onnxruntime-genai-cuda; or generate on the CPU: --ep cpu" in error.value.line()
     assert generate(out, ["### Text: I miss him.\n### The tone is:\n"], max_new_tokens=4, on_cpu=True) == [text]
+    with pytest.raises(UserError, match=r"--max-new-tokens: 100000 is more than the model's context \(4096 tokens\)"):
+        generate(out, ["hi"], max_new_tokens=100_000, on_cpu=True)
+
+
+def test_a_part_of_a_model_is_one_line_when_generating(tiny_llama: Path, tmp_path: Path):
+    out, _ = build(ModelBuilderSettings(precision="fp32", exclude_lm_head=True), tiny_llama, tmp_path)
+    with pytest.raises(UserError, match="ONNX Runtime GenAI cannot run it") as error:
+        generate(out, ["hi"], max_new_tokens=2)
+    assert error.value.hint == "it is part of a model: built with exclude_embeds, exclude_lm_head or metadata_only"
 
 
 def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, tmp_path: Path):
