@@ -217,13 +217,16 @@ class RunConfig(Settings):
 
     def output_folders(self) -> dict[str, str]:
         """Each pass's folder in engine.output_dir: `adapter/` (`adapters/<pass>/` when there are several),
-        `merged/`, `onnx/<precision>-<provider>/`; a pass with none refines the one before it."""
+        `merged/` (the last merge; earlier ones `merged-<pass>/`), `onnx/<precision>-<provider>/`; a pass with
+        none refines the one before it."""
         folders: dict[str, str] = {}
         for name, settings in self.passes.items():
             folders[name] = PASS_TYPES[settings.type].output(settings) or folders.get(_previous(folders), "")
         adapters = [name for name, folder in folders.items() if folder == "adapter"]
         if len(adapters) > 1:
             folders.update({name: f"adapters/{name}" for name in adapters})
+        merges = [name for name, folder in folders.items() if folder == "merged"]
+        folders.update({name: f"merged-{name}" for name in merges[:-1]})  # the last merge is the model built on
         return folders
 
     def data_where(self, name: str) -> str:
@@ -242,6 +245,10 @@ def check_pass_order(cfg: RunConfig) -> None:
     before = "input_model"
     pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []  # adapters not merged
     built_with_adapter, built, graph_written, builder, previous_step = False, [], True, "", None
+    given = Path(cfg.input_model.adapter_path).name if cfg.input_model.adapter_path else None
+    if given in cfg.passes:
+        raise UserError("input_model.adapter_path", f"is named '{given}' by its folder, as passes.{given} is",
+                        "adapters are published and extracted by name: rename the pass")  # fmt: skip
     for name, settings in cfg.passes.items():
         entry, where = PASS_TYPES[settings.type], f"passes.{name}"
         if previous not in entry.after:

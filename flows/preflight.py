@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from olive_grove.tasks.azureml import connect
 from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
 from olive_grove.tasks.errors import Unreachable, UserError, located
 from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
+from olive_grove.tasks.passes import BUILD_ONNX_MODEL, MERGE_ADAPTER, PASS_TYPES
 from olive_grove.tasks.quiet import quiet_libraries
 from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.storage import Remote, is_url
@@ -61,6 +63,7 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
     if cfg.input_model.adapter_path:
         with located("input_model.adapter_path"):
             check_adapter_folder(Path(cfg.input_model.adapter_path))
+            check_given_adapter_buildable(cfg)
     check_locations(cfg)
     used = {name for settings in cfg.passes.values() for name in settings.data_config_names().values()}
     for data in cfg.data_configs:
@@ -78,6 +81,20 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
     for name, settings in cfg.passes.items():
         with located(f"passes.{name}"):
             settings.check_before_work(facts)
+
+
+def check_given_adapter_buildable(cfg: RunConfig) -> None:
+    """ModelBuilder builds only plain LoRA unmerged: a given adapter of another kind must be merged first
+    (the pass order checks this for adapters the run trains; a given one is known by its config file)."""
+    first = next((n for n, s in cfg.passes.items() if PASS_TYPES[s.type].step in (MERGE_ADAPTER, BUILD_ONNX_MODEL)),
+                 None)  # fmt: skip
+    if first is None or PASS_TYPES[cfg.passes[first].type].step is MERGE_ADAPTER:
+        return
+    adapter = json.loads((Path(cfg.input_model.adapter_path) / "adapter_config.json").read_text())
+    kind = "DoRA" if adapter.get("use_dora") else str(adapter.get("peft_type"))
+    if kind != "LORA":
+        raise UserError("", f"is a {kind} adapter, and passes.{first} builds LoRA adapters unmerged",
+                        "merge it first (MergeAdapterWeights)")  # fmt: skip
 
 
 # What a run publishes into engine.output_dir: these are replaced, whatever was there.

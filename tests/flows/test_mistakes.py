@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from grove_helpers import LLAMA_MODULES, TONE_DATASET, grove, lora_pass, tiny_run_config, tree, write_project
 
 from olive_grove.tasks.step_cache import list_cache
@@ -415,6 +416,23 @@ def _text(**settings: Any) -> Edit:
     return lambda cfg, root: cfg["data_configs"][0]["pre_process_data_config"].update(settings)
 
 
+def _given_adapter(folder: str, peft_type: str, passes: dict[str, Any] | None) -> Edit:
+    """An adapter folder of that kind as input_model.adapter_path (and, if given, these passes instead)."""
+
+    def edit(cfg: dict[str, Any], root: Path) -> None:
+        from safetensors.torch import save_file
+
+        adapter = root / "given" / folder
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": 4}))
+        save_file({"w": torch.zeros(1)}, str(adapter / "adapter_model.safetensors"))
+        cfg["input_model"]["adapter_path"] = str(adapter)
+        if passes is not None:
+            cfg["passes"] = passes
+
+    return edit
+
+
 def _builder(**settings: Any) -> Edit:
     return lambda cfg, root: cfg["passes"].update(builder={"type": "ModelBuilder", "precision": "int4", **settings})
 
@@ -486,7 +504,25 @@ FOUND: dict[str, tuple[Edit, str]] = {
                                     "passes.extract: has no model graph to take the LoRA layers from"),
     "fixed-lora-rank": (_extracting({}, extract={"dynamic_lora_r": False}), "passes.extract.dynamic_lora_r: "),
     "pass-without-type": (lambda cfg, root: cfg["passes"]["lora"].pop("type"), "passes.lora.type: is required"),
+    "given-lokr-adapter-built-unmerged": (_given_adapter("adapter", "LOKR", {"builder": {"type": "ModelBuilder"}}),
+        "input_model.adapter_path: is a LOKR adapter, and passes.builder builds LoRA adapters unmerged"),
+    "given-adapter-named-as-a-pass": (_given_adapter("lora", "LORA", None),
+                                      "input_model.adapter_path: is named 'lora' by its folder, as passes.lora is"),
 }  # fmt: skip
+
+
+def test_merging_each_adapter_in_turn_publishes_every_merge(tmp_path: Path, tiny_llama: Path):
+    """The merge error's own hint, followed: the last merge is merged/, the ones before merged-<pass>/."""
+    from olive_grove.flows.config import load_run_config
+
+    cfg = tiny_run_config(tiny_llama, {"a": lora_pass(LLAMA_MODULES), "m1": {"type": "MergeAdapterWeights"},
+                                       "b": lora_pass(LLAMA_MODULES), "m2": {"type": "MergeAdapterWeights"},
+                                       "builder": {"type": "ModelBuilder"}})  # fmt: skip
+    run, _ = load_run_config(write_project(tmp_path, cfg))
+    assert run.output_folders() == {"a": "adapters/a", "m1": "merged-m1", "b": "adapters/b", "m2": "merged",
+                                    "builder": "onnx/int4-cpu"}  # fmt: skip
+
+
 FOUND_NAMES = {"index-of-numbers": "is not a weight index", "index-a-list": "is not a weight index",
                "header-a-list": "damaged safetensors header", "header-without-offsets": "damaged safetensors header",
                "hidden-size-text": "cannot read the model's config", "tokenizer-an-lfs-pointer": "git-lfs pointer",
