@@ -13,7 +13,7 @@ from olive_grove.tasks.azureml import connect
 from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
 from olive_grove.tasks.errors import Unreachable, UserError, located
 from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
-from olive_grove.tasks.passes import BUILD_ONNX_MODEL, MERGE_ADAPTER, PASS_TYPES
+from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, MERGE_ADAPTER, PASS_TYPES
 from olive_grove.tasks.quiet import quiet_libraries
 from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.storage import Remote, is_url
@@ -81,6 +81,28 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
     for name, settings in cfg.passes.items():
         with located(f"passes.{name}"):
             settings.check_before_work(facts)
+    check_extracted_adapters_match(cfg, facts)
+
+
+def check_extracted_adapters_match(cfg: RunConfig, facts: ModelFacts) -> None:
+    """ExtractAdapters swaps adapters in the LoRA layers ModelBuilder built: each must adapt those layers."""
+    unmerged: list[str] = []
+    for name, settings in cfg.passes.items():
+        entry = PASS_TYPES[settings.type]
+        if entry.gives == "adapter":
+            unmerged.append(name)
+        elif entry.gives == "model":
+            unmerged = []
+        if entry.step is not EXTRACT_ADAPTERS or len(unmerged) < 2:
+            continue
+        layers = {n: cfg.passes[n].adapted_layers(facts) for n in unmerged}
+        first = unmerged[0]
+        for other in unmerged[1:]:
+            if None not in (layers[first], layers[other]) and layers[other] != layers[first]:
+                raise UserError(f"passes.{other}.target_modules", f"adapts {', '.join(sorted(layers[other]))}, and "
+                                f"passes.{first} adapts {', '.join(sorted(layers[first]))}",
+                                f"adapters passes.{name} extracts share one set of layers: give them the same "
+                                "target_modules")  # fmt: skip
 
 
 def check_given_adapter_buildable(cfg: RunConfig) -> None:

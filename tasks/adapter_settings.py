@@ -64,16 +64,17 @@ def training_arg_names() -> frozenset[str]:
     return frozenset(remembered("training-args", importlib.metadata.version("transformers"), names))
 
 
-def peft_default_targets(table: str, model_type: str | None) -> bool:
-    """Whether peft has default layers for this model type in `table`; its tables import transformers'
-    models (seconds), so the answer is kept per peft version."""
+def peft_default_layers(table: str, model_type: str | None) -> list[str] | None:
+    """peft's default layers for this model type in `table` (None: it has none); its tables import
+    transformers' models (seconds), so the answer is kept per peft version."""
 
-    def known() -> bool:
+    def layers() -> list[str] | bool:
         from peft.utils import constants
 
-        return model_type in getattr(constants, table)
+        found = getattr(constants, table).get(model_type)
+        return sorted(found) if found else False  # False: remembered as "none" (None is "not remembered")
 
-    return remembered("peft-targets", [importlib.metadata.version("peft"), table, model_type], known)
+    return remembered("peft-layers", [importlib.metadata.version("peft"), table, model_type], layers) or None
 
 
 class AdapterSettings(PassSettings):
@@ -158,9 +159,19 @@ class AdapterSettings(PassSettings):
         """The configured target_modules, else Olive's default for the model type (None: peft's own)."""
         if self.target_modules:
             return self.target_modules
-        if peft_default_targets(self.default_targets_table, model_type):
+        if peft_default_layers(self.default_targets_table, model_type):
             return None  # peft knows this model type
         return OLIVE_TARGET_MODULES.get(model_type or "", self.fallback_targets)
+
+    def adapted_layers(self, model: ModelFacts) -> frozenset[str] | None:
+        """The short names of the layers it adapts in this model; None where that is known only at training."""
+        layers = self.layers_to_adapt(model.model_type())
+        if layers is None:
+            layers = peft_default_layers(self.default_targets_table, model.model_type())
+        if layers == "all-linear":
+            names = model.linear_names()
+            return None if names is None else frozenset(names - {"lm_head"})  # peft leaves the output layer out
+        return frozenset(layers) if layers else None
 
     def data_config_names(self) -> dict[str, str]:
         names = {"train_data_config": self.train_data_config, "eval_data_config": self.eval_data_config}
@@ -190,7 +201,7 @@ class AdapterSettings(PassSettings):
             return
         if self.target_modules:
             check_target_modules(self, names)
-        elif self.layers_to_adapt(model.model_type()) is None and not peft_default_targets(
+        elif self.layers_to_adapt(model.model_type()) is None and not peft_default_layers(
             self.default_targets_table, model.model_type()
         ):
             raise UserError("target_modules", f"has no default for '{model.model_type()}' models",

@@ -504,6 +504,10 @@ FOUND: dict[str, tuple[Edit, str]] = {
                                     "passes.extract: has no model graph to take the LoRA layers from"),
     "fixed-lora-rank": (_extracting({}, extract={"dynamic_lora_r": False}), "passes.extract.dynamic_lora_r: "),
     "pass-without-type": (lambda cfg, root: cfg["passes"]["lora"].pop("type"), "passes.lora.type: is required"),
+    "siblings-on-other-layers": (lambda cfg, root: cfg.update(passes={
+        "lora": lora_pass(["q_proj"]), "other": lora_pass(["v_proj"]),
+        "builder": {"type": "ModelBuilder", "precision": "fp32"}, "extract": {"type": "ExtractAdapters"}}),
+        "passes.other.target_modules: adapts v_proj, and passes.lora adapts q_proj"),
     "given-lokr-adapter-built-unmerged": (_given_adapter("adapter", "LOKR", {"builder": {"type": "ModelBuilder"}}),
         "input_model.adapter_path: is a LOKR adapter, and passes.builder builds LoRA adapters unmerged"),
     "given-adapter-named-as-a-pass": (_given_adapter("lora", "LORA", None),
