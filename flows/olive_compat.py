@@ -69,7 +69,7 @@ def normalise(raw: dict[str, Any], engine_keys: set[str], pass_types: set[str]) 
                 _unwrap_config(files, f"data_configs[{i}].load_dataset_config.data_files", out)
     for name, pass_cfg in _entries(cfg.get("passes")):
         if isinstance(pass_cfg, dict):
-            _unwrap_config(pass_cfg, f"passes.{name}", out)
+            _unwrap_config(pass_cfg, f"passes.{name}", out, PASS_KEYS)
             _pass_type(pass_cfg, pass_types)
             _rename_keys(pass_cfg, f"passes.{name}", out)
             _training_args(pass_cfg, f"passes.{name}", out)
@@ -124,10 +124,15 @@ def _lift_engine(cfg: dict[str, Any], engine_keys: set[str], out: Normalised) ->
             out.origins[f"systems.{name}"] = out.origins.get(f"engine.{key}", f"engine.{key}")
 
 
-def _unwrap_config(section: dict[str, Any], path: str, out: Normalised) -> None:
-    """`{"type": T, "config": {...}}` (nested form) becomes `{"type": T, ...}`."""
+# What Olive's nested form puts beside a pass's `config` (its RunPassConfig).
+PASS_KEYS = frozenset({"type", "config", "host", "evaluator", "clean_run_cache", "output_name"})
+
+
+def _unwrap_config(section: dict[str, Any], path: str, out: Normalised, beside=frozenset({"type", "config"})) -> None:
+    """`{"type": T, "config": {...}}` (nested form) becomes `{"type": T, ...}`; `beside` is what else the
+    nested form has next to `config`."""
     inner = section.get("config")
-    if isinstance(inner, dict) and set(section) <= {"type", "config"}:
+    if isinstance(inner, dict) and set(section) <= beside:
         section.pop("config")
         section.update(inner)
         for key in inner:

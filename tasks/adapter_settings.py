@@ -312,13 +312,23 @@ class LoHaSettings(AdapterSettings):
     init_weights: bool = True
     layers_to_transform: list[int] | None = None
     layers_pattern: str | None = None
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     lora_dropout: Any = no_effect("LoHa has rank_dropout and module_dropout")
 
     default_targets_table: ClassVar[str] = "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING"
     fallback_targets: ClassVar[str | None] = "all-linear"
     peft_class: ClassVar[str] = "LoHaConfig"
+
+    def check_before_work(self, model: ModelFacts) -> None:
+        layers = model.num_layers()
+        beyond = [i for i in self.layers_to_transform or [] if layers is not None and not 0 <= i < layers]
+        if beyond:
+            raise UserError("layers_to_transform", f"layer {beyond[0]} is not one of the model's {layers} layers",
+                            f"indexes 0 to {layers - 1}")  # fmt: skip
+        if self.exclude_modules and self.target_modules and set(self.target_modules) <= set(self.exclude_modules):
+            raise UserError("exclude_modules", "leaves none of target_modules to adapt", "exclude fewer layers")
+        super().check_before_work(model)
 
     def _shape(self) -> dict[str, Any]:
         return self.model_dump(include={"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d",

@@ -53,6 +53,8 @@ class PassSettings(Settings):
 
     evaluator: Any = no_effect(NO_EVALUATORS)
     host: Any = no_effect("the flow runs all passes on the work pool of engine.host")
+    clean_run_cache: Any = no_effect("steps are cached by content: a changed input or setting computes again")
+    output_name: Any = no_effect("outputs are named by the pass (see engine.output_dir's layout)")
 
     # Settings that change nothing the step produces: left out of its cache key.
     not_in_cache_key: ClassVar[frozenset[str]] = frozenset()

@@ -81,6 +81,10 @@ class ModelFacts:
         size = (self._config or {}).get("max_position_embeddings")
         return size if isinstance(size, int) and size > 0 else None
 
+    def num_layers(self) -> int | None:
+        count = (self._config or {}).get("num_hidden_layers")
+        return count if isinstance(count, int) and count > 0 else None
+
     def hidden_size(self) -> int | None:
         size = (self._config or {}).get("hidden_size")
         return size if isinstance(size, int) else None

@@ -433,6 +433,10 @@ def _given_adapter(folder: str, peft_type: str, passes: dict[str, Any] | None) -
     return edit
 
 
+def _loha(**settings: Any) -> Edit:
+    return lambda cfg, root: cfg["passes"]["lora"].update(type="LoHa", **settings)
+
+
 def _builder(**settings: Any) -> Edit:
     return lambda cfg, root: cfg["passes"].update(builder={"type": "ModelBuilder", "precision": "int4", **settings})
 
@@ -508,6 +512,11 @@ FOUND: dict[str, tuple[Edit, str]] = {
         "lora": lora_pass(["q_proj"]), "other": lora_pass(["v_proj"]),
         "builder": {"type": "ModelBuilder", "precision": "fp32"}, "extract": {"type": "ExtractAdapters"}}),
         "passes.other.target_modules: adapts v_proj, and passes.lora adapts q_proj"),
+    "loha-layer-past-the-model": (_loha(layers_to_transform=[99]),
+                                  "passes.lora.layers_to_transform: layer 99 is not one of the model's 2 layers"),
+    "loha-negative-rank-pattern": (_loha(rank_pattern={"q_proj": -4}), "passes.lora.rank_pattern.q_proj: "),
+    "loha-excluding-every-target": (_loha(exclude_modules=LLAMA_MODULES),
+                                    "passes.lora.exclude_modules: leaves none of target_modules to adapt"),
     "given-lokr-adapter-built-unmerged": (_given_adapter("adapter", "LOKR", {"builder": {"type": "ModelBuilder"}}),
         "input_model.adapter_path: is a LOKR adapter, and passes.builder builds LoRA adapters unmerged"),
     "given-adapter-named-as-a-pass": (_given_adapter("lora", "LORA", None),
@@ -625,3 +634,12 @@ def test_a_data_file_datasets_cannot_parse_is_exactly_one_line(tmp_path: Path, t
     assert [line for line in process.stderr.splitlines() if line.strip()] == [
         line for line in process.stderr.splitlines() if line.startswith("error: ")
     ] and len(process.stderr.strip().splitlines()) == 1, process.stderr
+
+
+def test_olives_nested_pass_keys_are_read(tmp_path: Path, tiny_llama: Path):
+    """Olive's RunPassConfig beside a nested `config`: host and clean_run_cache are noted, not refused."""
+    lora = lora_pass(LLAMA_MODULES)
+    nested = {"type": lora.pop("type"), "config": lora, "host": "local_system", "clean_run_cache": True}
+    done = grove("validate", "--config", write_project(tmp_path, tiny_run_config(tiny_llama, {"lora": nested})))
+    assert done.rc == 0, done.err
+    assert "note: passes.lora.clean_run_cache has no effect in olive-grove" in done.out
