@@ -517,6 +517,9 @@ FOUND: dict[str, tuple[Edit, str]] = {
     "loha-negative-rank-pattern": (_loha(rank_pattern={"q_proj": -4}), "passes.lora.rank_pattern.q_proj: "),
     "loha-excluding-every-target": (_loha(exclude_modules=LLAMA_MODULES),
                                     "passes.lora.exclude_modules: leaves none of target_modules to adapt"),
+    "dora-by-setting-built-unmerged": (lambda cfg, root: cfg["passes"].update(
+        lora=lora_pass(LLAMA_MODULES, use_dora=True), builder={"type": "ModelBuilder"}),
+        "passes.builder: builds LoRA adapters unmerged, and passes.lora is a DoRA (use_dora) adapter"),
     "given-lokr-adapter-built-unmerged": (_given_adapter("adapter", "LOKR", {"builder": {"type": "ModelBuilder"}}),
         "input_model.adapter_path: is a LOKR adapter, and passes.builder builds LoRA adapters unmerged"),
     "given-adapter-named-as-a-pass": (_given_adapter("lora", "LORA", None),
