@@ -151,7 +151,7 @@ def measure(rounds: int, tools: Tools, ours: Project, theirs: Project, full: boo
     cases = {
         "validate-cold": Case("validate-cold", "grove validate, nothing remembered yet (imports the Trainer)"),
         "validate": Case("validate", "grove validate of a config checked once before"),
-        "first": Case("first", "fresh run, first on this machine: no Prefect server, no memos, empty cache"),
+        "first": Case("first", "fresh run, first on this machine: no Prefect database or server, no memos"),
         "fresh": Case("fresh", "fresh run: empty cache, grove's local server already up"),
         "cached": Case("cached", "fully cached re-run, no server started by the user"),
         "cached-temporary": Case(
@@ -163,6 +163,7 @@ def measure(rounds: int, tools: Tools, ours: Project, theirs: Project, full: boo
         # First on this machine: grove starts its server and learns what is installed; Olive has no such cost.
         tools.stop_server()
         shutil.rmtree(memos, ignore_errors=True)
+        shutil.rmtree(tools.env["PREFECT_HOME"], ignore_errors=True)  # a new machine has no Prefect database yet
         if full:
             cases["validate-cold"].ours.append(tools.ours(ours, "validate"))
             shutil.rmtree(memos, ignore_errors=True)

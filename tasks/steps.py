@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.transactions import get_transaction
 
@@ -24,7 +26,8 @@ from olive_grove.tasks.step_cache import StepContext
 
 
 class RunLogReporter(Reporter):
-    """A step's messages go to its Prefect run log; training progress to a progress artifact."""
+    """A step's messages go to its Prefect run log; training progress to a progress artifact named after the
+    pass (`training-<pass>`), whose description is the latest step, losses and time left."""
 
     def __init__(self) -> None:
         self.logger = get_run_logger()
@@ -34,9 +37,12 @@ class RunLogReporter(Reporter):
         self.logger.info(message)
 
     def progress(self, update: TrainingProgress) -> None:
+        description = f"adapter training: {update.line()}"
         if self.progress_id is None:
-            self.progress_id = create_progress_artifact(progress=0.0, description="adapter training: percent of steps")
-        update_progress_artifact(self.progress_id, progress=update.percent)
+            key = "training-" + re.sub(r"[^a-z0-9-]+", "-", TaskRunContext.get().task_run.name.lower()).strip("-")
+            self.progress_id = create_progress_artifact(progress=update.percent, key=key, description=description)
+        else:
+            update_progress_artifact(self.progress_id, progress=update.percent, description=description)
 
 
 @functools.cache

@@ -123,6 +123,17 @@ def test_report_json_has_rows_samples_and_losses(first_run: Run, tiny_phi3: Path
     }
 
 
+def test_training_progress_is_a_named_artifact_with_step_and_losses(first_run: Run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [latest] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-lora"])),
+                                         limit=1)  # fmt: skip
+    assert latest.type == "progress" and latest.data == 100.0
+    assert latest.description.startswith("adapter training: step 3/3, loss ")
+
+
 def test_report_md_is_readable(first_run: Run):
     md = (first_run.output_dir / "report.md").read_text()
     assert md.startswith("# olive-grove run report")
