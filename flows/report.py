@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,13 @@ from typing import Any
 from pydantic import BaseModel, SerializeAsAny
 
 from olive_grove.flows.config import RunConfig
-from olive_grove.tasks.adapters import AdapterInfo
+from olive_grove.flows.loss_plot import loss_svg
+from olive_grove.tasks.adapters import AdapterInfo, LossPoint
 from olive_grove.tasks.artifact import Artifact, StepInfo
 from olive_grove.tasks.files import SOURCE_STAMP, publish_copy
 from olive_grove.tasks.storage import Remote, is_url, join
+
+LOSS_PICTURE = "loss.svg"
 
 
 class StepRecord(BaseModel):
@@ -65,8 +69,13 @@ def write_report(
         "cached_steps": [r.step for r in record if r.cached],
         "total_seconds": round(seconds, 2),
     }
-    markdown = render_markdown(report, record)
-    texts = {"report.json": json.dumps(report, indent=2, default=str), "report.md": markdown}
+    adapter = next((s.artifact.info for s in record if isinstance(s.artifact.info, AdapterInfo)
+                    and s.artifact.info.loss_curve), None)  # fmt: skip
+    picture = loss_svg(adapter.loss_curve, _evaluation(adapter)) if adapter else None
+    texts = {"report.json": json.dumps(report, indent=2, default=str),
+             "report.md": render_markdown(report, record, LOSS_PICTURE if picture else None)}  # fmt: skip
+    if picture:
+        texts[LOSS_PICTURE] = picture
     if is_url(output_dir):
         remote = Remote(output_dir, "engine.output_dir")
         for name, text in texts.items():
@@ -75,11 +84,21 @@ def write_report(
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             _write_atomic(Path(output_dir) / name, text)
-    _prefect_artifact(markdown)
+    # The run page has no folder to find loss.svg in: its copy of the report carries the picture inline.
+    inline = f"data:image/svg+xml;base64,{base64.b64encode(picture.encode()).decode()}" if picture else None
+    _prefect_artifact(render_markdown(report, record, inline))
     return report
 
 
-def render_markdown(report: dict[str, Any], record: list[StepRecord]) -> str:
+def _evaluation(adapter: AdapterInfo) -> list[LossPoint]:
+    """Eval loss during training, else the held-out loss measured at the end (a last point)."""
+    if adapter.eval_curve or adapter.eval_loss is None or not adapter.steps:
+        return adapter.eval_curve
+    return [LossPoint(step=adapter.steps, loss=adapter.eval_loss)]
+
+
+def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: str | None = None) -> str:
+    """The report for people: steps, the loss curve (`picture`: where its SVG is), outputs."""
     lines = ["# olive-grove run report", "", f"Base model: `{report['input_model']}`", ""]
     lines += ["| step | task | from cache | seconds | details |", "|---|---|---|---|---|"]
     for step in record:
@@ -88,7 +107,9 @@ def render_markdown(report: dict[str, Any], record: list[StepRecord]) -> str:
     curve = next((s.artifact.info.loss_curve for s in record if isinstance(s.artifact.info, AdapterInfo)
                   and s.artifact.info.loss_curve), None)  # fmt: skip
     if curve:
-        lines += ["", "## Training loss", "", "| step | loss |", "|---|---|"]
+        lines += ["", "## Training loss", ""]
+        lines += [f"![train and eval loss by step]({picture})", ""] if picture else []
+        lines += ["| step | loss |", "|---|---|"]
         lines += [f"| {p.step} | {p.loss:.4f} |" for p in curve]
     lines += ["", "## Outputs", ""]
     lines += [f"- `{name}`: {path}" for name, path in report["outputs"].items()]

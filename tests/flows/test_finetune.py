@@ -92,7 +92,7 @@ def test_output_dir_has_adapter_merged_and_onnx(first_run: Run):
     assert any(n.endswith(".safetensors") for n in merged)
     onnx = {p.name for p in (out / "onnx" / "int4-cpu").iterdir()}
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= onnx
-    assert {p.name for p in out.iterdir()} == {"adapter", "merged", "onnx", "report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"adapter", "merged", "onnx", "report.json", "report.md", "loss.svg"}
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"o_proj", "qkv_proj"} and config["r"] == 4
 
@@ -132,6 +132,25 @@ def test_training_progress_is_a_named_artifact_with_step_and_losses(first_run: R
                                          limit=1)  # fmt: skip
     assert latest.type == "progress" and latest.data == 100.0
     assert latest.description.startswith("adapter training: step 3/3, loss ")
+
+
+def test_the_report_has_the_loss_curve_as_a_picture(first_run: Run):
+    import xml.etree.ElementTree as ElementTree
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    md = (first_run.output_dir / "report.md").read_text()
+    assert "![train and eval loss by step](loss.svg)" in md
+    svg = ElementTree.parse(first_run.output_dir / "loss.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2  # train and eval loss
+    assert len(lines[0].get("points").split()) == 3  # one point per logged step (logging_steps 1, 3 steps)
+    with get_client(sync_client=True) as client:  # the run page's copy carries the picture inline
+        [report] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-report"])), limit=1
+        )
+    assert "![train and eval loss by step](data:image/svg+xml;base64," in report.data
 
 
 def test_report_md_is_readable(first_run: Run):
@@ -236,7 +255,7 @@ def lora_merge_builder_run(lora_merge_run, llama_project: Path, tiny_llama: Path
 
 def test_lora_alone_publishes_only_the_adapter(lora_only_run):
     done, _ = lora_only_run
-    assert sorted(p.name for p in done.output_dir.iterdir()) == ["adapter", "report.json", "report.md"]
+    assert sorted(p.name for p in done.output_dir.iterdir()) == ["adapter", "loss.svg", "report.json", "report.md"]
     assert list(done.report["outputs"]) == ["adapter"]
     assert [s["step"] for s in done.report["steps"]] == ["input_model", "lora/dataset", "lora"]
     assert set(json.loads((done.output_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]) == {
