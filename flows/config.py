@@ -261,7 +261,8 @@ def check_pass_order(cfg: RunConfig) -> None:
             unbuildable = [p for p in pending if p in cfg.passes and not _lora_kind(cfg.passes[p])]
             if unbuildable:
                 adapter = cfg.passes[unbuildable[0]]
-                kind = "DoRA (use_dora)" if getattr(adapter, "use_dora", False) else adapter.type
+                by_setting = adapter.type in ("LoRA", "QLoRA") and getattr(adapter, "use_dora", False)
+                kind = "DoRA (use_dora)" if by_setting else adapter.type
                 problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
                 raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
             built_with_adapter, built = True, list(pending)

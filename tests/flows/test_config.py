@@ -196,7 +196,7 @@ def test_overrides_are_typed_and_nested(tmp_path: Path, tiny_phi3: Path):
     assert lora.target_modules == ["o_proj", "qkv_proj", "gate_up_proj"]
     assert lora.use_dora is True
     assert lora.lora_dropout == 0.25
-    assert cfg.passes["builder"].search == {"max_length": 128}
+    assert cfg.passes["builder"].search.model_dump(exclude_none=True) == {"max_length": 128}
     assert cfg.engine.output_dir == str(tmp_path / "elsewhere")
     assert cfg.input_model.load_kwargs.revision == "main"
 
