@@ -244,7 +244,7 @@ def cmd_server_status(args: argparse.Namespace) -> int:
     configured = local_server.configured_api_url()
     server = local_server.recorded(local_server.prefect_home())
     if server is None:
-        print("no local Prefect server kept by grove; the next grove run starts one")
+        print("no local Prefect server kept by grove" + ("" if configured else "; the next grove run starts one"))
     else:
         state = "answering" if server.healthy() else "not answering (starting?)"
         print(f"local Prefect server: {server.ui} (pid {server.pid}, {state}); log: {server.log}")

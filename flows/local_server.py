@@ -57,9 +57,14 @@ class LocalServer:
         except PermissionError:
             return True
         try:
-            return b"prefect" in Path(f"/proc/{self.pid}/cmdline").read_bytes()
+            command = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return True  # no /proc to ask
+        return b"prefect" in command and b"server" in command and str(self.port).encode() in command
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
 
     def healthy(self) -> bool:
         try:
@@ -97,7 +102,10 @@ def recorded(home: Path) -> LocalServer | None:
     """The server grove started, if it is still running."""
     try:
         server = LocalServer(**json.loads(_state_file(home).read_text()))
-    except (OSError, ValueError, TypeError):
+        server.port  # noqa: B018 - a url without a port is no record of ours
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return None
+    if not (isinstance(server.pid, int) and server.pid > 1 and isinstance(server.started, (int, float))):
         return None
     return server if server.alive() else None
 
@@ -105,8 +113,13 @@ def recorded(home: Path) -> LocalServer | None:
 @contextlib.contextmanager
 def _only_one_starter(home: Path) -> Iterator[None]:
     """Runs that start together agree on one server: the first starts it, the others wait and reuse it."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "olive-grove-server.lock", "w") as lock:
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        lock = open(home / "olive-grove-server.lock", "w")  # noqa: SIM115 - held for the block below
+    except OSError as exc:
+        raise UserError("PREFECT_HOME", f"{home} cannot be written ({exc.strerror})",
+                        "set PREFECT_HOME to a folder you can write") from None  # fmt: skip
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -121,11 +134,11 @@ class Starting:
         self.server, self.new = server, new
 
     def ready(self) -> LocalServer:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = self.server.started + STARTUP_TIMEOUT_S  # a recorded server that never answered: not long
         while not self.server.healthy():
             if not self.server.alive():
                 raise ServerFailed(f"the local Prefect server stopped while starting: see {self.server.log}")
-            if time.monotonic() > deadline:
+            if time.time() > deadline:
                 raise ServerFailed(f"the local Prefect server did not answer in {STARTUP_TIMEOUT_S} s: see "
                                    f"{self.server.log}")  # fmt: skip
             time.sleep(0.2)
@@ -162,11 +175,17 @@ def stop(home: Path) -> LocalServer | None:
     """Stop the server grove started; returns it, or None when none was running."""
     with _only_one_starter(home):
         server = recorded(home)
+        if server is not None:
+            try:
+                os.killpg(server.pid, signal.SIGTERM)
+            except PermissionError:
+                raise UserError(str(_state_file(home)), f"names process {server.pid}, which is not yours",
+                                "remove the file if that is no Prefect server of yours") from None  # fmt: skip
+            except ProcessLookupError:
+                pass
         _state_file(home).unlink(missing_ok=True)
     if server is None:
         return None
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while server.alive() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -194,13 +213,36 @@ def for_run(note) -> Starting | None:
 
     Called before the run's checks, so a server that must start boots while they run.
     """
-    if configured_api_url() or mode() == "temporary":
+    url = configured_api_url()
+    if url:
+        check_answers(url)
+        return None
+    if mode() == "temporary":
         return None
     try:
-        return start(prefect_home())
+        starting = start(prefect_home())
     except (OSError, ServerFailed) as exc:
         note(f"no local Prefect server ({exc}): this run uses a temporary one")
         return None
+    if starting.new:  # said now: a run that stops early (a config mistake, Ctrl-C) leaves it running too
+        note(f"starting a local Prefect server for this and later runs; its UI: {starting.server.ui} "
+             "(grove server stop stops it)")  # fmt: skip
+    return starting
+
+
+def check_answers(url: str) -> None:
+    """A configured API must answer: else every Prefect call would fail, with a traceback, after retries."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as answer:
+            if answer.status == 200:
+                return
+    except (OSError, ValueError):
+        pass
+    raise UserError(
+        "PREFECT_API_URL",
+        f"no Prefect API answers at {url}",
+        "start that server, or unset PREFECT_API_URL to use grove's local one",
+    )
 
 
 @contextlib.contextmanager
@@ -215,9 +257,6 @@ def serving(starting: Starting | None, note) -> Iterator[None]:
         note(f"{exc}: this run uses a temporary server")
         yield
         return
-    if starting.new:
-        note(f"started a local Prefect server for this and later runs; its UI: {server.ui} "
-             "(grove server stop stops it)")  # fmt: skip
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: server.url}):

@@ -9,6 +9,7 @@ from the UI read relative config paths from the folder `grove server` was starte
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from olive_grove.flows import local_server
 from olive_grove.tasks.errors import UserError
 
-POOL = "local"
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}")
 EXTRAS = {"nightly": "the config every night at 02:00 UTC (a smoke test of the pipeline)"}
 
 
@@ -66,9 +67,13 @@ def serve(pool: str, extras: set[str], say) -> int:
     """Register, then run a worker until Ctrl-C; stops what it started (the worker, a server it started)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    if not POOL_NAME.fullmatch(pool):
+        raise UserError("--pool", f"{pool!r} is not a work pool name", "letters, digits, spaces, '_', '-' and '.'")
     home = local_server.prefect_home()
     url, started = local_server.configured_api_url(), None
-    if url is None:
+    if url is not None:
+        local_server.check_answers(url)
+    else:
         if local_server.mode() == "temporary":
             raise UserError("OLIVE_GROVE_LOCAL_SERVER", "is 'temporary': grove server needs a server that stays",
                             "unset it, or set PREFECT_API_URL to a running server")  # fmt: skip
@@ -94,7 +99,9 @@ def serve(pool: str, extras: set[str], say) -> int:
 
 def _worker(pool: str, url: str) -> int:
     env = {**os.environ, "PREFECT_API_URL": url}
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], env=env)
+    # SIGINT as Ctrl-C gives it, also when grove server was started with it ignored (`&` in a script, nohup).
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], env=env,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stopped as by Ctrl-C
     try:
         return worker.wait()

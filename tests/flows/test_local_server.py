@@ -51,12 +51,12 @@ def test_first_run_starts_the_server_the_next_reuses_and_stop_stops(tiny_phi3: P
 
     first = _grove("run", "--config", config, home=home)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "started a local Prefect server for this and later runs" in first.stderr
+    assert "starting a local Prefect server for this and later runs" in first.stderr
     state = json.loads((home / "olive-grove-server.json").read_text())
 
     second = _grove("run", "--config", config, home=home)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "started a local Prefect server" not in second.stderr
+    assert "starting a local Prefect server" not in second.stderr
     assert "2 of 3 steps from cache" in second.stdout
     assert json.loads((home / "olive-grove-server.json").read_text())["pid"] == state["pid"]
 
@@ -110,3 +110,53 @@ def test_terminal_runs_send_no_heartbeats_unless_configured(monkeypatch):
     before = get_current_settings().flows.heartbeat_frequency
     with terminal_run():
         assert get_current_settings().flows.heartbeat_frequency == before is not None
+
+
+@pytest.mark.parametrize("record", [{"pid": "1234"}, {"pid": None}, {"url": "http://127.0.0.1/api"}, {"started": "x"}])
+def test_a_state_file_of_the_wrong_shape_is_ignored(home: Path, record: dict):
+    home.mkdir(parents=True)
+    state = {"url": "http://127.0.0.1:1/api", "pid": os.getpid(), "log": "x", "started": 0, **record}
+    (home / "olive-grove-server.json").write_text(json.dumps(state))
+    done = _grove("server", "status", home=home)
+    assert done.returncode == 0 and "no local Prefect server" in done.stdout, done.stderr
+
+
+def test_a_recorded_pid_that_is_no_server_of_ours_is_left_alone(home: Path):
+    """A PID reused by another process (here one with 'prefect' in its command line) is neither waited for
+    nor killed."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "prefect", "server"])
+    try:
+        home.mkdir(parents=True)
+        (home / "olive-grove-server.json").write_text(json.dumps(
+            {"url": "http://127.0.0.1:4311/api", "pid": other.pid, "log": "x", "started": 0}))  # fmt: skip
+        assert "no local Prefect server was running" in _grove("server", "stop", home=home).stdout
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_an_api_url_that_does_not_answer_is_one_line(tmp_path: Path, home: Path, tiny_phi3: Path):
+    config = write_project(tmp_path / "project", tiny_run_config(tiny_phi3))
+    for argv in (["run", "--config", config], ["server"]):
+        done = _grove(*argv, home=home, PREFECT_API_URL="http://127.0.0.1:9/api")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip() == (
+            "error: PREFECT_API_URL: no Prefect API answers at http://127.0.0.1:9/api "
+            "(start that server, or unset PREFECT_API_URL to use grove's local one)"
+        )
+
+
+@pytest.mark.parametrize("pool", ["", "a/b", "../x"])
+def test_a_pool_name_prefect_refuses_is_one_line(home: Path, pool: str):
+    done = _grove("server", "--pool", pool, home=home)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --pool: {pool!r} is not a work pool name")
+
+
+def test_an_unwritable_prefect_home_is_one_line(tmp_path: Path, tiny_phi3: Path):
+    home = tmp_path / "file-not-folder"
+    home.write_text("")
+    config = write_project(tmp_path / "project", tiny_run_config(tiny_phi3))
+    done = _grove("run", "--config", config, home=home)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: PREFECT_HOME: {home} cannot be written")
