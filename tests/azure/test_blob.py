@@ -88,6 +88,7 @@ class AzuriteWorkspace:
         Remote(url, "registry").download_folder("", target / "mlflow_model_folder" / "data" / "model")
 
 
+@pytest.mark.skipif(not SHARED_CONFIGS.is_dir(), reason=f"no Olive configs at {SHARED_CONFIGS} (the seed documents)")
 def test_the_guides_datastore_config_reads_its_blob(tmp_path, tiny_phi3, azure_storage, monkeypatch):
     fs = azure_storage.filesystem
     store = azure_storage.container("workspaceblobstore")
