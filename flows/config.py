@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlparse
@@ -238,55 +239,68 @@ def _previous(folders: dict[str, str]) -> str:
     return next(reversed(folders), "")
 
 
+def unmerged_adapters(cfg: RunConfig) -> Iterator[tuple[str, Any, list[str]]]:
+    """Each pass, with the adapters left unmerged before it (`input_model.adapter_path` for a given one):
+    what a merge merges, ModelBuilder builds unmerged and ExtractAdapters extracts."""
+    pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []
+    for name, settings in cfg.passes.items():
+        yield name, settings, list(pending)
+        gives = PASS_TYPES[settings.type].gives
+        if gives == "adapter":
+            pending.append(name)
+        elif gives == "model":  # the adapters are in the model now
+            pending = []
+
+
 def check_pass_order(cfg: RunConfig) -> None:
     """Each pass must be able to take what the one before it leaves (the table's `after`), and what it takes
     must be there: one adapter to merge, LoRA adapters for ModelBuilder to build, LoRA layers to extract."""
-    previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
-    before = "input_model"
-    pending = ["input_model.adapter_path"] if cfg.input_model.adapter_path else []  # adapters not merged
-    built_with_adapter, built, graph_written, builder, previous_step = False, [], True, "", None
     given = Path(cfg.input_model.adapter_path).name if cfg.input_model.adapter_path else None
     if given in cfg.passes:
         raise UserError("input_model.adapter_path", f"is named '{given}' by its folder, as passes.{given} is",
                         "adapters are published and extracted by name: rename the pass")  # fmt: skip
-    for name, settings in cfg.passes.items():
+    previous: Output = "adapter" if cfg.input_model.adapter_path else "model"
+    before, last = "input_model", None  # the pass before this one: its config path, its settings
+    for name, settings, unmerged in unmerged_adapters(cfg):
         entry, where = PASS_TYPES[settings.type], f"passes.{name}"
         if previous not in entry.after:
             problem = f"{entry.name} cannot follow {before}, which leaves {DESCRIBED[previous]}"
             raise UserError(where, problem, _order_hint(entry.after, previous, before))
-        if entry.step is MERGE_ADAPTER and len(pending) > 1:
-            raise UserError(where, f"merges one adapter, and {', '.join(pending)} each left one",
+        if entry.step is MERGE_ADAPTER and len(unmerged) > 1:
+            raise UserError(where, f"merges one adapter, and {', '.join(unmerged)} each left one",
                             "merge each adapter before the next adapter pass")  # fmt: skip
-        if entry.step is BUILD_ONNX_MODEL and pending:
-            unbuildable = [p for p in pending if p in cfg.passes and not _lora_kind(cfg.passes[p])]
-            if unbuildable:
-                adapter = cfg.passes[unbuildable[0]]
-                by_setting = adapter.type in ("LoRA", "QLoRA") and getattr(adapter, "use_dora", False)
-                kind = "DoRA (use_dora)" if by_setting else adapter.type
-                problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
-                raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
-            built_with_adapter, built = True, list(pending)
         if entry.step is BUILD_ONNX_MODEL:
-            graph_written, builder = settings.writes_graph, where
-        if entry.step is EXTRACT_ADAPTERS and not built_with_adapter:
-            raise UserError(where, "has no LoRA layers to extract: ModelBuilder built the model without an adapter",
-                            "put the LoRA passes before ModelBuilder, without a merge between")  # fmt: skip
-        if entry.step is EXTRACT_ADAPTERS and previous_step is EXTRACT_ADAPTERS:
-            raise UserError(where, f"extracts the adapters {before} extracted", "one ExtractAdapters is enough")
-        if entry.step is EXTRACT_ADAPTERS and not graph_written:
-            raise UserError(where, f"has no model graph to take the LoRA layers from: {builder} writes only its "
-                            "config (metadata_only)", "build the model with metadata_only: false")  # fmt: skip
+            _check_buildable(cfg, where, unmerged)
         if entry.step is EXTRACT_ADAPTERS:
-            whole = [p for p in built if p in cfg.passes and cfg.passes[p].modules_to_save]
-            if whole:
-                raise UserError(f"passes.{whole[0]}.modules_to_save", "trains whole layers, which cannot be swapped "
-                                "as an ONNX adapter (the base would carry this adapter's copy)",
-                                "train without modules_to_save, or merge the adapter instead")  # fmt: skip
-        if entry.gives == "adapter":
-            pending.append(name)
-        elif entry.gives == "model":
-            pending = []
-        previous, before, previous_step = entry.gives, where, entry.step
+            _check_extractable(cfg, where, unmerged, before, last)
+        previous, before, last = entry.gives, where, settings
+
+
+def _check_buildable(cfg: RunConfig, where: str, unmerged: list[str]) -> None:
+    unbuildable = [p for p in unmerged if p in cfg.passes and not _lora_kind(cfg.passes[p])]
+    if unbuildable:
+        adapter = cfg.passes[unbuildable[0]]
+        by_setting = adapter.type in ("LoRA", "QLoRA") and getattr(adapter, "use_dora", False)
+        kind = "DoRA (use_dora)" if by_setting else adapter.type
+        problem = f"builds LoRA adapters unmerged, and passes.{unbuildable[0]} is a {kind} adapter"
+        raise UserError(where, problem, "merge it first (MergeAdapterWeights)")
+
+
+def _check_extractable(cfg: RunConfig, where: str, unmerged: list[str], before: str, last: Any) -> None:
+    """ExtractAdapters follows the ModelBuilder that built the unmerged adapters into the graph it wrote."""
+    if not unmerged:
+        raise UserError(where, "has no LoRA layers to extract: ModelBuilder built the model without an adapter",
+                        "put the LoRA passes before ModelBuilder, without a merge between")  # fmt: skip
+    if last.type == "ExtractAdapters":
+        raise UserError(where, f"extracts the adapters {before} extracted", "one ExtractAdapters is enough")
+    if not last.writes_graph:
+        raise UserError(where, f"has no model graph to take the LoRA layers from: {before} writes only its "
+                        "config (metadata_only)", "build the model with metadata_only: false")  # fmt: skip
+    whole = [p for p in unmerged if p in cfg.passes and cfg.passes[p].modules_to_save]
+    if whole:
+        raise UserError(f"passes.{whole[0]}.modules_to_save", "trains whole layers, which cannot be swapped "
+                        "as an ONNX adapter (the base would carry this adapter's copy)",
+                        "train without modules_to_save, or merge the adapter instead")  # fmt: skip
 
 
 def _lora_kind(settings: Any) -> bool:

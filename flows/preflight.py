@@ -8,12 +8,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from olive_grove.flows.config import RunConfig
+from olive_grove.flows.config import RunConfig, unmerged_adapters
 from olive_grove.tasks.azureml import connect
 from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
 from olive_grove.tasks.errors import Unreachable, UserError, located
 from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
-from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, MERGE_ADAPTER, PASS_TYPES
+from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, PASS_TYPES
 from olive_grove.tasks.quiet import quiet_libraries
 from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.storage import Remote, is_url
@@ -86,18 +86,13 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
 
 def check_extracted_adapters_match(cfg: RunConfig, facts: ModelFacts) -> None:
     """ExtractAdapters swaps adapters in the LoRA layers ModelBuilder built: each must adapt those layers."""
-    unmerged: list[str] = []
-    for name, settings in cfg.passes.items():
-        entry = PASS_TYPES[settings.type]
-        if entry.gives == "adapter":
-            unmerged.append(name)
-        elif entry.gives == "model":
-            unmerged = []
-        if entry.step is not EXTRACT_ADAPTERS or len(unmerged) < 2:
+    for name, settings, unmerged in unmerged_adapters(cfg):
+        trained = [n for n in unmerged if n in cfg.passes]  # a given adapter's layers are its own file's
+        if PASS_TYPES[settings.type].step is not EXTRACT_ADAPTERS or len(trained) < 2:
             continue
-        layers = {n: cfg.passes[n].adapted_layers(facts) for n in unmerged}
-        first = unmerged[0]
-        for other in unmerged[1:]:
+        layers = {n: cfg.passes[n].adapted_layers(facts) for n in trained}
+        first = trained[0]
+        for other in trained[1:]:
             if None not in (layers[first], layers[other]) and layers[other] != layers[first]:
                 raise UserError(f"passes.{other}.target_modules", f"adapts {', '.join(sorted(layers[other]))}, and "
                                 f"passes.{first} adapts {', '.join(sorted(layers[first]))}",
@@ -108,9 +103,10 @@ def check_extracted_adapters_match(cfg: RunConfig, facts: ModelFacts) -> None:
 def check_given_adapter_buildable(cfg: RunConfig) -> None:
     """ModelBuilder builds only plain LoRA unmerged: a given adapter of another kind must be merged first
     (the pass order checks this for adapters the run trains; a given one is known by its config file)."""
-    first = next((n for n, s in cfg.passes.items() if PASS_TYPES[s.type].step in (MERGE_ADAPTER, BUILD_ONNX_MODEL)),
+    first = next((name for name, settings, unmerged in unmerged_adapters(cfg)
+                  if PASS_TYPES[settings.type].step is BUILD_ONNX_MODEL and "input_model.adapter_path" in unmerged),
                  None)  # fmt: skip
-    if first is None or PASS_TYPES[cfg.passes[first].type].step is MERGE_ADAPTER:
+    if first is None:
         return
     adapter = json.loads((Path(cfg.input_model.adapter_path) / "adapter_config.json").read_text())
     kind = "DoRA" if adapter.get("use_dora") else str(adapter.get("peft_type"))
