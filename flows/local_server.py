@@ -41,6 +41,16 @@ class LocalServer:
     log: str
     started: float
 
+    def __post_init__(self) -> None:
+        """A record of another shape (edited, or written by something else) is no record of ours."""
+        if not (isinstance(self.url, str) and isinstance(self.pid, int) and self.pid > 1
+                and isinstance(self.started, (int, float))):  # fmt: skip
+            raise TypeError("not a grove server record")
+        try:
+            self.port  # noqa: B018 - a url without a port is no record of ours
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"no port in {self.url!r}") from exc
+
     @property
     def ui(self) -> str:
         return self.url.removesuffix("/api")
@@ -67,11 +77,16 @@ class LocalServer:
         return int(self.url.rsplit(":", 1)[1].split("/", 1)[0])
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
+        return answers(self.url, timeout=2)
+
+
+def answers(api_url: str, timeout: float) -> bool:
+    """Whether a Prefect API answers its health check at `api_url`."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):  # ValueError: not a URL at all
+        return False
 
 
 def prefect_home() -> Path:
@@ -102,10 +117,7 @@ def recorded(home: Path) -> LocalServer | None:
     """The server grove started, if it is still running."""
     try:
         server = LocalServer(**json.loads(_state_file(home).read_text()))
-        server.port  # noqa: B018 - a url without a port is no record of ours
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
-        return None
-    if not (isinstance(server.pid, int) and server.pid > 1 and isinstance(server.started, (int, float))):
+    except (OSError, ValueError, TypeError):  # no record, or not one grove wrote
         return None
     return server if server.alive() else None
 
@@ -197,9 +209,8 @@ def stop(home: Path) -> LocalServer | None:
 def _free_port() -> int:
     for port in (PREFERRED_PORT, 0):
         with socket.socket() as probe:
-            probe.setsockopt(
-                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-            )  # as the server binds: a port just freed is free
+            # As the server binds: a port just freed (TIME_WAIT) is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
@@ -232,12 +243,8 @@ def for_run(note) -> Starting | None:
 
 def check_answers(url: str) -> None:
     """A configured API must answer: else every Prefect call would fail, with a traceback, after retries."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as answer:
-            if answer.status == 200:
-                return
-    except (OSError, ValueError):
-        pass
+    if answers(url, timeout=5):
+        return
     raise UserError(
         "PREFECT_API_URL",
         f"no Prefect API answers at {url}",
