@@ -157,6 +157,21 @@ def tree(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
 
 
+# ------------------------------------------------------------------------------------------ benchmarks
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is no package: each benchmark is a script)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
 # ------------------------------------------------------------------------- calling plain steps directly
 
 

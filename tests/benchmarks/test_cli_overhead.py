@@ -5,24 +5,14 @@ No timing is asserted: the figures come from the benchmark run itself (README, "
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("cli_overhead", REPO / "benchmarks" / "cli_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from grove_helpers import load_benchmark
 
 
 def test_smoke_runs_every_case_and_writes_its_json(tmp_path: Path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("cli_overhead")
     bench.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")])
     data = json.loads((tmp_path / "results" / "cpu-cli-smoke.json").read_text())
     cases = {c["case"]: c for c in data["cases"]}

@@ -3,24 +3,14 @@ and written to the JSON. No timing or memory size is asserted: those are measure
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("pipeline_gpu", REPO / "benchmarks" / "pipeline_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
+from grove_helpers import load_benchmark
 
 
 def test_tiny_pipeline_measures_every_step(tmp_path: Path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("pipeline_gpu")
     bench.main(["--tiny", "--steps", "2", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
     [written] = (tmp_path / "results").glob("tiny-*-pipeline.json")  # tiny-cpu-... here, tiny-h200-... on a GPU
     data = json.loads(written.read_text())

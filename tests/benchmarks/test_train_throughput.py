@@ -6,26 +6,15 @@ No timing is asserted: speed is measured on a GPU (docs/benchmarks.md), never in
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
+from grove_helpers import load_benchmark
 
 
 def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("train_throughput")
     results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short",
                           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])  # fmt: skip
     assert [r.name for r in results] == ["lora-2048", "lora-short"]
@@ -37,7 +26,7 @@ def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
 
 
 def test_set_changes_only_our_speed_settings():
-    bench = load_benchmark()
+    bench = load_benchmark("train_throughput")
     assert bench.setting("micro_batch_size=1") == ("micro_batch_size", 1)
     assert bench.setting("cuda_graphs=false") == ("cuda_graphs", False)
     with pytest.raises(argparse.ArgumentTypeError, match="micro_batch_size"):
