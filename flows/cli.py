@@ -364,8 +364,12 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
         print(f"{verb} {entry.step}/{entry.key} ({_size(entry.size_bytes)})")
         if not args.dry_run:
             remove_entry(entry)
-    left = [p for p in leftovers(Path(entries_dir)) if time.time() - p.stat().st_mtime > (args.older_than or 0) * 86400]
-    for path in left if args.older_than is not None else []:
+    left = (
+        []
+        if args.older_than is None
+        else [p for p in leftovers(Path(entries_dir)) if time.time() - p.stat().st_mtime > args.older_than * 86400]
+    )
+    for path in left:
         print(f"{verb} {path.relative_to(entries_dir)} (left by a run that failed or was stopped)")
         if not args.dry_run:
             remove_folder(path)
