@@ -56,30 +56,32 @@ class StepRunner:
                 retries=self.ctx.retries, retry_delay_seconds=self.ctx.retry_delay_seconds, task_run_name="input_model"
             )
             return self._call(task, "input_model", where, source=source, ctx=self.ctx)
-        started = time.perf_counter()
-        try:
-            artifact = model_fingerprint(source, self.ctx)
-        except UserError as exc:
-            raise self.cfg.user_error(_relocated(exc, where)) from None
-        self.record.append(StepRecord(step="input_model", task="fingerprint_base_model", cached=False,
-                                      seconds=round(time.perf_counter() - started, 2), artifact=artifact))  # fmt: skip
+        artifact = self._record("input_model", fingerprint_base_model.name, where,
+                                lambda: (model_fingerprint(source, self.ctx), False))  # fmt: skip
         get_run_logger().info("input_model: %s (fingerprint %s)", artifact.path, artifact.fingerprint[:12])
         return artifact
 
     def _call(self, task, label: str, where: dict[str, str], **kwargs: Any) -> Artifact:
+        def run() -> tuple[Artifact, bool]:
+            state = task(**kwargs, return_state=True)
+            return state.result(), state.name == "Cached"
+
+        artifact = self._record(label, task.name, where, run)
+        if self.record[-1].cached:
+            get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
+        return artifact
+
+    def _record(self, label: str, task: str, where: dict[str, str], compute) -> Artifact:
+        """Compute a step's Artifact (and whether it came from the cache), timed and recorded for the report;
+        a user mistake it finds is moved to the config key it is about."""
         started = time.perf_counter()
-        state = task(**kwargs, return_state=True)
         try:
-            artifact: Artifact = state.result()
+            artifact, cached = compute()
         except UserError as exc:
             raise self.cfg.user_error(_relocated(exc, where)) from None
-        cached = state.name == "Cached"
-        seconds = round(time.perf_counter() - started, 2)
         where_now = artifact.located(Path(self.ctx.cache_dir))  # the report names files where they are
-        self.record.append(StepRecord(step=label, task=task.name, cached=cached, seconds=seconds,
-                                      artifact=where_now))  # fmt: skip
-        if cached:
-            get_run_logger().info("%s: reused from cache (%s)", label, Path(artifact.path).name)
+        self.record.append(StepRecord(step=label, task=task, cached=cached,
+                                      seconds=round(time.perf_counter() - started, 2), artifact=where_now))  # fmt: skip
         return artifact
 
 
