@@ -69,8 +69,7 @@ def write_report(
         "cached_steps": [r.step for r in record if r.cached],
         "total_seconds": round(seconds, 2),
     }
-    adapter = next((s.artifact.info for s in record if isinstance(s.artifact.info, AdapterInfo)
-                    and s.artifact.info.loss_curve), None)  # fmt: skip
+    adapter = trained_adapter(record)
     picture = loss_svg(adapter.loss_curve, _evaluation(adapter)) if adapter else None
     texts = {"report.json": json.dumps(report, indent=2, default=str),
              "report.md": render_markdown(report, record, LOSS_PICTURE if picture else None)}  # fmt: skip
@@ -90,6 +89,12 @@ def write_report(
     return report
 
 
+def trained_adapter(record: list[StepRecord]) -> AdapterInfo | None:
+    """The first adapter step of the run with a loss curve: the one the report draws."""
+    return next((s.artifact.info for s in record if isinstance(s.artifact.info, AdapterInfo)
+                 and s.artifact.info.loss_curve), None)  # fmt: skip
+
+
 def _evaluation(adapter: AdapterInfo) -> list[LossPoint]:
     """Eval loss during training, else the held-out loss measured at the end (a last point)."""
     if adapter.eval_curve or adapter.eval_loss is None or not adapter.steps:
@@ -104,8 +109,8 @@ def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: s
     for step in record:
         cached = "yes" if step.cached else "no"
         lines.append(f"| {step.step} | {step.task} | {cached} | {step.seconds} | {step.artifact.info.summary()} |")
-    curve = next((s.artifact.info.loss_curve for s in record if isinstance(s.artifact.info, AdapterInfo)
-                  and s.artifact.info.loss_curve), None)  # fmt: skip
+    adapter = trained_adapter(record)
+    curve = adapter.loss_curve if adapter else None
     if curve:
         lines += ["", "## Training loss", ""]
         lines += [f"![train and eval loss by step]({picture})", ""] if picture else []
