@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
 from olive_grove.tasks.errors import UserError, first_line, located, nearest
-from olive_grove.tasks.files import hash_file, hash_value, remembered
+from olive_grove.tasks.files import hash_value, remembered, stamped_hash
 from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
     fetch_files,
@@ -473,5 +473,5 @@ def fingerprint_data(config: DataConfig) -> str:
                 info = fs.info(name)
                 if info["type"] == "file":
                     local = "file" in fs.protocol  # by content, so moving the project keeps its cache hits
-                    found.setdefault(split, []).append(hash_file(Path(name)) if local else file_fingerprint(info))
+                    found.setdefault(split, []).append(stamped_hash(Path(name)) if local else file_fingerprint(info))
     return hash_value({"load": load.model_dump(mode="json", exclude={"data_files"}), "files": found})

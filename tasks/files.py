@@ -30,6 +30,13 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def stamped_hash(path: Path) -> str:
+    """hash_file, remembered by the file's path, size and mtime (as hash_files' memo does for models): a data
+    file is hashed once, not by every check and run that fingerprints it."""
+    stat = path.stat()
+    return remembered("file-hash", [str(path.resolve()), stat.st_size, stat.st_mtime_ns], lambda: hash_file(path))
+
+
 def hash_files(root: Path, names: list[str] | None = None, memo: Path | None = None) -> str:
     """Hash the bytes of the files under `root` (or the named ones), keyed by relative name.
 
