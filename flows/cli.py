@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     blocks = commands.add_parser("blocks", help="Prefect blocks for credentials").add_subparsers(
         required=True, metavar="ACTION"
     )
-    sub = blocks.add_parser("register", help="register the Azure block types with the Prefect API")
+    sub = blocks.add_parser("register", help="register the Azure and Redis block types with the Prefect API")
     sub.set_defaults(handler=cmd_blocks_register)
     sub = blocks.add_parser(
         "set-hf-token", help="store a Hugging Face token (read from HF_TOKEN or stdin) in Secret block 'hf-token'"
@@ -120,6 +120,14 @@ def parser() -> argparse.ArgumentParser:
         "in block 'azure-storage'",
     )
     sub.set_defaults(handler=cmd_blocks_set_azure_storage)
+    sub = blocks.add_parser(
+        "set-locks",
+        help="store the Redis server whose locks machines sharing a cache use, in RedisDatabase block "
+        "'olive-grove-locks'",
+    )
+    sub.add_argument("url", help="redis://HOST:6379/0; '-' reads it from stdin, for a URL with a password "
+                     "(redis://:PASSWORD@HOST:6379/0), which must not show in `ps`")  # fmt: skip
+    sub.set_defaults(handler=cmd_blocks_set_locks)
 
     sub = command("server", cmd_server, "the Prefect UI for starting runs: a server, the work pool, the "
                   "deployments and a worker, until Ctrl-C")  # fmt: skip
@@ -264,8 +272,13 @@ def cmd_server_stop(args: argparse.Namespace) -> int:
 def cmd_blocks_register(args: argparse.Namespace) -> int:
     import subprocess
 
-    # prefect-azure's blocks (storage and Azure ML credentials, container instance jobs); Secret is built in.
-    return subprocess.call([sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_azure"])
+    # prefect-azure's blocks (storage and Azure ML credentials, container instance jobs) and prefect-redis's
+    # RedisDatabase (shared step locks), so the UI can make them; Secret is built in.
+    for module in ("prefect_azure", "prefect_redis"):
+        code = subprocess.call([sys.executable, "-m", "prefect", "block", "register", "-m", module])
+        if code:
+            return code
+    return 0
 
 
 def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
@@ -278,6 +291,14 @@ def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
         )
     save_azure_storage(secret)
     print(f"saved AzureBlobStorageCredentials block '{AZURE_STORAGE_BLOCK}'")
+    return 0
+
+
+def cmd_blocks_set_locks(args: argparse.Namespace) -> int:
+    from olive_grove.blocks.locks import LOCKS_BLOCK, save_redis_locks
+
+    save_redis_locks(sys.stdin.readline().strip() if args.url == "-" else args.url)
+    print(f"saved RedisDatabase block '{LOCKS_BLOCK}': runs whose cache_dir is a URL lock steps there")
     return 0
 
 

@@ -1,23 +1,22 @@
 """Prefect's side of the step cache (`step_cache.py`): the cache policy whose key is our content key and
-which repairs or fetches an entry before Prefect looks at it, and the locks that let one run compute a
-step while others wait for it."""
+which repairs or fetches an entry before Prefect looks at it, and which locks (`locks.py`) a run's steps
+take so that one run computes a step while others wait for it."""
 
 from __future__ import annotations
 
 import functools
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
 from prefect.logging import get_run_logger
 from prefect.transactions import IsolationLevel
 
-from olive_grove.tasks.artifact import Artifact
+from olive_grove.blocks.locks import LOCKS_BLOCK, redis_locks
 from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.locks import LiveHolderLockManager, LockHooks
 from olive_grove.tasks.step_cache import StepContext, damage, remove_folder, step_key
 
 # ------------------------------------------------------------------------- cache policy and repair
@@ -61,69 +60,44 @@ def make_entry_usable(ctx: StepContext, step: str, key: str) -> None:
 
 def cache_options(ctx: StepContext) -> dict[str, Any]:
     """Task options that keep a step's records in the run's cache folder, one computation per key at a time
-    (a file lock per key: the second run waits, then reuses the first's result), shared when finished."""
-    cache = Path(ctx.cache_dir)
-    policy = STEP_CACHE.configure(
-        isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=LiveHolderLockManager(lock_files_directory=cache / "locks"),
-    )
-    hooks = [functools.partial(_share_finished_step, ctx)] if ctx.shared_url else []
-    return {"cache_policy": policy, "result_storage": cache / "results", "on_completion": hooks}
+    (the second run waits, then reuses the first's result), shared when finished."""
+    policy = STEP_CACHE.configure(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=step_locks(ctx))
+    return {"cache_policy": policy, "result_storage": Path(ctx.cache_dir) / "results"}
 
 
-def _share_finished_step(ctx: StepContext, task, task_run, state) -> None:
-    """Upload a finished step to the shared cache; failing to share costs other machines a recompute, not
-    this run its result."""
-    artifact: Artifact = state.result()
+def step_locks(ctx: StepContext) -> LockManager:
+    """File locks in the cache folder. With a shared cache: the Redis locks every machine sees (when the
+    block is saved); a second look at the shared cache once a lock is got, as its last holder may have
+    shared the step meanwhile; and the step shared while its lock is still held, so nobody misses it."""
+    local = LiveHolderLockManager(lock_files_directory=Path(ctx.cache_dir) / "locks")
+    if not ctx.shared_url:
+        return local
+
+    def step_of(key: str) -> str:
+        return key.rsplit("-", 1)[0]  # step_key() is "<step>-<hash>"
+
+    return LockHooks(_machine_wide_locks() or local,
+                     after_acquire=lambda key: make_entry_usable(ctx, step_of(key), key),
+                     before_release=lambda key: _share_finished_step(ctx, step_of(key), key))  # fmt: skip
+
+
+@functools.cache
+def _machine_wide_locks() -> LockManager | None:
+    """The Redis locks of block 'olive-grove-locks', read once per process; None (with a warning) without it."""
+    locks = redis_locks(LOCKS_BLOCK)
+    if locks is None:
+        get_run_logger().warning(
+            "the cache is shared but its locks are this machine's: two machines may compute one step at once "
+            "(save the Redis block '%s': grove blocks set-locks redis://HOST:6379/0)", LOCKS_BLOCK)  # fmt: skip
+    return locks
+
+
+def _share_finished_step(ctx: StepContext, step: str, key: str) -> None:
+    """Upload a finished step (one with a record) to the shared cache; failing to share costs other
+    machines a recompute, not this run its result."""
     shared = ctx.shared()
     try:
-        if shared and shared.share(task.name, artifact.fingerprint, ctx.folder(task.name, artifact.fingerprint).final):
-            get_run_logger().info("%s: shared through %s", task.name, shared.remote.url)
+        if shared and shared.share(step, key, ctx.folder(step, key).final):
+            get_run_logger().info("%s: shared through %s", step, shared.remote.url)
     except UserError as exc:
-        get_run_logger().warning("%s: not shared: %s", task.name, exc.line())
-
-
-# --------------------------------------------------------------------------------------------- locks
-
-
-class LiveHolderLockManager(FileSystemLockManager):
-    """Prefect's file locks, except that a lock whose holder died on this machine is free.
-
-    Prefect's own file locks never expire; after a `kill -9` mid-step the next run would wait forever.
-    Each lock records its holder's host and PID, and a dead PID on this host releases it.
-    """
-
-    def _stamp(self, holder: str) -> str:
-        suffix = f"|{socket.gethostname()}|{os.getpid()}"
-        return holder if holder.endswith(suffix) else holder + suffix
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout=None, hold_timeout=None) -> bool:
-        return super().acquire_lock(key, self._stamp(holder), acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        super().release_lock(key, self._stamp(holder))
-
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        return super().is_lock_holder(key, self._stamp(holder))
-
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        info = self._get_lock_info(key, use_cache=use_cache)
-        if info is not None and _holder_died(info["holder"]):
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
-        return super().is_locked(key, use_cache=use_cache)
-
-
-def _holder_died(holder: str) -> bool:
-    _, _, tail = holder.partition("|")
-    host, _, pid = tail.partition("|")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's lock: only its own expiry can free it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+        get_run_logger().warning("%s: not shared: %s", step, exc.line())

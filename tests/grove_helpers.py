@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,3 +214,10 @@ def step_files(root: Path, out: Path | None = None):
     out = out or root / "out"
     out.mkdir(parents=True, exist_ok=True)
     return StepFiles(out=out, work=root / "work", downloads=root / "downloads")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a service a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

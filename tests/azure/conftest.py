@@ -10,18 +10,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from grove_helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AZURITE = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
 # Azurite's well-known development account; it is public and only opens the local emulator.
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connection_string(port: int, key: str = ACCOUNT_KEY) -> str:
@@ -35,7 +30,7 @@ def connection_string(port: int, key: str = ACCOUNT_KEY) -> str:
 def azurite_port(tmp_path_factory) -> int:
     if not AZURITE.exists():
         pytest.fail(f"{AZURITE} is missing: run `npm ci` in the repository (the README's test command does)")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("azurite") / "azurite.log"
     process = subprocess.Popen(
         [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from grove_helpers import free_port
 
 from .e2e_helpers import (
     BIN,
@@ -25,7 +26,6 @@ from .e2e_helpers import (
     WORK_POOLS,
     Background,
     PrefectServer,
-    free_port,
     start_background,
 )
 

@@ -11,11 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from grove_helpers import free_port
 
 from olive_grove.tasks.adapter_settings import LoRASettings
 from olive_grove.tasks.artifact import Artifact
-from olive_grove.tasks.caching import LiveHolderLockManager
 from olive_grove.tasks.files import hash_files, publish_copy
+from olive_grove.tasks.locks import LiveHolderLockManager
 from olive_grove.tasks.models import ModelInfo
 from olive_grove.tasks.step_cache import (
     HASHED_ON_EVERY_HIT,
@@ -221,7 +222,7 @@ def test_a_lock_whose_holder_died_is_free(tmp_path: Path):
         f"""
         import os
         from pathlib import Path
-        from olive_grove.tasks.caching import LiveHolderLockManager
+        from olive_grove.tasks.locks import LiveHolderLockManager
         manager = LiveHolderLockManager(lock_files_directory=Path({str(tmp_path)!r}))
         assert manager.acquire_lock("train_adapter-k", holder="dead-run")
         os._exit(0)  # dies holding the lock
@@ -243,6 +244,47 @@ def test_a_live_holders_lock_is_held(tmp_path: Path):
     assert not other.acquire_lock("k", holder="other-run", acquire_timeout=0.5)
     mine.release_lock("k", holder="this-run")
     assert not other.is_locked("k")
+
+
+def test_a_redis_lock_lasts_while_its_holder_lives_and_frees_itself_when_it_dies(redis_url: str):
+    """Machines sharing a cache lock steps in Redis: a long step keeps its lock (renewed), a killed worker's
+    lock expires instead of blocking every later run."""
+    holder = textwrap.dedent(
+        f"""
+        import sys, time
+        from olive_grove.tasks import locks
+        locks.REDIS_HOLD_SECONDS, locks.REDIS_RENEW_SECONDS = 2, 0.5
+        manager = locks.RenewedRedisLockManager(host="127.0.0.1", port={redis_url.rsplit(":", 1)[1].split("/")[0]})
+        assert manager.acquire_lock("train_adapter-k", holder="machine-a")
+        print("held", flush=True)
+        time.sleep(600)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        from olive_grove.blocks.locks import redis_locks, save_redis_locks
+
+        save_redis_locks(redis_url, "test-locks")
+        other = redis_locks("test-locks")
+        # Three hold times pass: without renewal the lock would have expired.
+        assert not other.acquire_lock("train_adapter-k", holder="machine-b", acquire_timeout=6)
+        process.kill()
+        assert other.acquire_lock("train_adapter-k", holder="machine-b", acquire_timeout=5)
+        other.release_lock("train_adapter-k", holder="machine-b")
+    finally:
+        process.kill()
+
+
+def test_a_redis_block_that_does_not_answer_is_one_line():
+    from olive_grove.blocks.locks import redis_locks, save_redis_locks
+    from olive_grove.tasks.errors import UserError
+
+    save_redis_locks(f"redis://127.0.0.1:{free_port()}/0", "test-locks-down")
+    with pytest.raises(UserError, match=r"^block test-locks-down: Redis at 127.0.0.1:\d+ does not answer"):
+        redis_locks("test-locks-down")
+    with pytest.raises(UserError, match="is not a Redis URL"):
+        save_redis_locks("localhost:6379")
 
 
 def test_a_copy_without_its_times_is_hashed_once_then_trusted(tmp_path: Path, monkeypatch):

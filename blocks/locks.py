@@ -1,0 +1,40 @@
+"""Step locks that every machine sharing a cache sees: a prefect-redis RedisDatabase block, by name."""
+
+from __future__ import annotations
+
+from olive_grove.tasks.errors import UserError
+
+LOCKS_BLOCK = "olive-grove-locks"
+
+
+def redis_locks(block_name: str = LOCKS_BLOCK):
+    """Redis step locks from the RedisDatabase block of that name; None when no such block is saved."""
+    from prefect_redis import RedisDatabase
+    from redis.exceptions import RedisError
+
+    from olive_grove.tasks.locks import RenewedRedisLockManager
+
+    try:
+        block = RedisDatabase.load(block_name)
+    except ValueError:  # Prefect's answer for a block that does not exist
+        return None
+    params = block.as_connection_params()  # a loaded block's also carries its document ids: not for the client
+    manager = RenewedRedisLockManager(**{k: params.get(k) for k in ("host", "port", "db", "username", "password")},
+                                      ssl=bool(params.get("ssl")))  # fmt: skip
+    try:
+        manager.client.ping()
+    except RedisError as exc:
+        raise UserError(
+            f"block {block_name}",
+            f"Redis at {block.host}:{block.port} does not answer ({exc})",
+            "start it, or save the block with its address: grove blocks set-locks URL",
+        ) from None
+    return manager
+
+
+def save_redis_locks(url: str, block_name: str = LOCKS_BLOCK) -> None:
+    from prefect_redis import RedisDatabase
+
+    if not url.startswith(("redis://", "rediss://")):
+        raise UserError("URL", f"{url!r} is not a Redis URL", "redis://HOST:6379/0 (rediss:// for TLS)")
+    RedisDatabase.from_connection_string(url).save(block_name, overwrite=True)
