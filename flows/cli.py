@@ -134,8 +134,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("action", nargs="?", choices=["status", "stop"],
                      help="status: the local server grove run keeps; stop: stop it")  # fmt: skip
     sub.add_argument("--pool", default="local", help="the process work pool to serve (default: local)")
+    sub.add_argument("--config", type=Path, help="the config the run form starts with (default: ./olive-config.json, "
+                     "else the guide's); runs read relative paths from its folder")  # fmt: skip
     sub.add_argument("--with", dest="extras", default="", metavar="NAMES",
-                     help="more deployments to register: nightly (the config at 02:00 UTC)")  # fmt: skip
+                     help="more deployments to register, comma-separated: nightly (the config at 02:00 UTC), "
+                     "docker and k8s (the GPU deployments, with their pools)")  # fmt: skip
 
     cache = commands.add_parser("cache", help="list or prune cached step results").add_subparsers(
         required=True, metavar="ACTION"
@@ -217,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with local_server.serving(starting, _note), local_server.terminal_run():
         from olive_grove.flows.finetune import finetune
 
-        state = finetune(config=str(args.config.resolve()), options=options, return_state=True)
+        state = finetune(config=str(args.config.resolve()), **options.as_parameters(), return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, UserError):
@@ -243,7 +246,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         return cmd_server_stop(args)
     from olive_grove.flows.serve import parse_extras, serve
 
-    return serve(args.pool, parse_extras(args.extras), print)
+    return serve(args.pool, parse_extras(args.extras), args.config, print)
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:
@@ -410,8 +413,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from olive_grove.flows.submit import submit
 
     options, cfg, _ = checked_config(args)
-    deployment, run_id = submit(cfg, str(args.config.resolve()), options.model_dump(exclude_defaults=True))
-    print(f"submitted flow run {run_id} of {deployment}")
+    deployment, run_id, outputs = submit(cfg, str(args.config.resolve()), options.as_parameters())
+    print(f"submitted flow run {run_id} of {deployment}; its outputs go to {outputs} (on the worker's machine)")
     return 0
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from olive_grove.flows.config_file import apply_overrides, read_config_file
+from olive_grove.flows.config_file import apply_overrides, checked_mapping, read_config_file
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
 from olive_grove.tasks.artifact import NO_EVALUATORS, Settings, no_effect
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
@@ -317,7 +317,7 @@ def _order_hint(wanted: frozenset[Output], previous: Output, before: str) -> str
 
 
 def load_run_config(
-    path: str | Path,
+    source: str | Path | dict[str, Any],
     overrides: list[str] | None = None,
     passes: list[str] | None = None,
     training_args: dict[str, Any] | None = None,
@@ -325,12 +325,17 @@ def load_run_config(
 ) -> tuple[RunConfig, list[str]]:
     """Read, normalise, override, validate and resolve paths; returns the config and notes for the log.
 
-    `passes` keeps only the named passes (in the config's order); `training_args` is merged into every
-    training pass — what the Prefect UI's run form sets without knowing the pass names.
+    `source` is a config file, or the config itself (from the Prefect UI's form), whose relative paths are
+    read from the current folder. `passes` keeps only the named passes (in the config's order);
+    `training_args` is merged into every training pass — what the run form sets without knowing the names.
     """
-    path = Path(path)
+    if isinstance(source, dict):
+        read, base = checked_mapping(source, "config"), Path.cwd()  # read is a copy
+    else:
+        read = read_config_file(Path(source))
+        base = Path(os.path.abspath(source)).parent  # a symlinked config reads beside the link
     engine_keys = set(EngineConfig.model_fields)
-    normalised = normalise(read_config_file(path), engine_keys, set(PASS_TYPES))
+    normalised = normalise(read, engine_keys, set(PASS_TYPES))
     raw = normalised.config
     check_pass_types(raw, normalised)
     # The flat form's top-level engine keys work in --set too: cache_dir=... is engine.cache_dir=...
@@ -351,7 +356,7 @@ def load_run_config(
     except ValidationError as exc:
         raise UserErrors(_user_errors(exc, normalised)) from None
     cfg._origins = normalised.origins
-    resolve_paths(cfg, Path(os.path.abspath(path)).parent)  # a symlinked config reads beside the link
+    resolve_paths(cfg, base)
     try:
         resolve_execution_providers(cfg)
     except UserError as exc:

@@ -72,6 +72,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = json.loads(text, object_pairs_hook=_mapping) if kind == "JSON" else yaml.load(text, Loader=_Loader)
     except (json.JSONDecodeError, yaml.YAMLError, RecursionError, TypeError) as exc:
         raise UserError(where, f"not valid {kind}: {shown_text(str(exc).splitlines()[0], 200)}") from None
+    return checked_mapping(raw, where)
+
+
+def checked_mapping(raw: Any, where: str) -> dict[str, Any]:
+    """A config's top level as read from a file or given as an object (`where` names it in errors)."""
     if not isinstance(raw, dict):
         raise UserError(where, "the config must be a mapping at the top level")
     errors = value_errors(raw, "")

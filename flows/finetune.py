@@ -13,12 +13,13 @@ from typing import Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.runtime import deployment, flow_run
 from prefect.states import Failed
 
 from olive_grove.flows.config import RunConfig
 from olive_grove.flows.preflight import check_before_work
 from olive_grove.flows.report import StepRecord, publish_outputs, write_report
-from olive_grove.flows.run_setup import RunOptions, credentials_for, step_context
+from olive_grove.flows.run_setup import RunOptions, credentials_for, deployed_run_folder, step_context
 from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.data import fingerprint_data
@@ -144,25 +145,44 @@ def log_level(olive_level: int) -> Iterator[None]:
 
 
 @flow(name="finetune")
-def finetune(config: str, options: RunOptions | None = None) -> dict[str, Any]:
+def finetune(
+    config: dict[str, Any] | str,
+    max_steps: int = 0,
+    learning_rate: float = 0.0,
+    output_dir: str = "",
+    passes: tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Fine-tune as an Olive config says: data, adapter, merge, ONNX; every step cached by content.
 
-    `config` is the path of an Olive run config (JSON or YAML) on the machine that runs the flow.
+    Args:
+        config: The Olive run config: the config itself (an object), whose relative paths are read from
+            the worker's folder, or the path of a JSON or YAML file on the worker's machine.
+        max_steps: Optimizer steps of every training pass; 0 keeps the config's.
+        learning_rate: Learning rate of every training pass; 0 keeps the config's.
+        output_dir: Where the outputs go, instead of engine.output_dir. Left empty, a run started from a
+            deployment writes to a folder of its own, engine.output_dir/runs/RUN-NAME.
+        passes: Stop early: run only the config's first passes, named here (e.g. just the LoRA pass).
+        overrides: More settings, as KEY=VALUE, as `grove run --set` takes them.
     """
     quiet_library_defaults()  # a deployment's worker enters here, not through the CLI
     one_line_user_errors()
     logger = get_run_logger()
     try:
-        return _finetune(config, options or RunOptions(), logger)
+        options = RunOptions.from_form(max_steps=max_steps, learning_rate=learning_rate, output_dir=output_dir,
+                                       passes=passes, overrides=overrides)  # fmt: skip
+        return _finetune(config, options, logger)
     except UserError as exc:
         # A mistake in the config or its inputs: the run fails with the one line as its state message.
         logger.error(exc.line())
         return Failed(message=f"{exc.line()} [on {socket.gethostname()}]", data=exc)
 
 
-def _finetune(config: str, options: RunOptions, logger) -> dict[str, Any]:
+def _finetune(config: str | dict[str, Any], options: RunOptions, logger) -> dict[str, Any]:
     started = time.perf_counter()
     cfg, notes = options.load(config)
+    if options.output_dir is None and deployment.id:  # from the UI, a schedule or grove submit
+        cfg.engine.output_dir = deployed_run_folder(cfg.engine.output_dir, flow_run.name, flow_run.id)
     with log_level(cfg.engine.log_severity_level), credentials_for(cfg, logger.info):
         for note in notes:
             logger.info(note)

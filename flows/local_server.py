@@ -172,6 +172,7 @@ def start(home: Path) -> Starting:
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED",
                                                                                "false")}  # fmt: skip
         env.pop("PREFECT_API_URL", None)
+        env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"  # else the UI asks port 4200, whatever --port is
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prefect.runtime import flow_run
 from pydantic import BaseModel, SerializeAsAny
 
 from olive_grove.flows.config import RunConfig
@@ -17,6 +18,7 @@ from olive_grove.tasks.files import SOURCE_STAMP, publish_copy
 from olive_grove.tasks.storage import Remote, is_url, join
 
 LOSS_PICTURE = "loss.svg"
+LOSS_TABLE_ROWS = 20  # the report's loss table: at most about this many steps, always the last
 
 
 class StepRecord(BaseModel):
@@ -62,6 +64,7 @@ def write_report(
     cfg: RunConfig, record: list[StepRecord], published: dict[str, str], output_dir: str, seconds: float
 ) -> dict[str, Any]:
     report = {
+        "flow_run": {"name": flow_run.name, "id": flow_run.id},
         "input_model": cfg.input_model.model_path,
         "passes": [f"{name} ({s.type})" for name, s in cfg.passes.items()],
         "steps": [r.as_json() for r in record],
@@ -104,7 +107,8 @@ def _evaluation(adapter: AdapterInfo) -> list[LossPoint]:
 
 def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: str | None = None) -> str:
     """The report for people: steps, the loss curve (`picture`: where its SVG is), outputs."""
-    lines = ["# olive-grove run report", "", f"Base model: `{report['input_model']}`", ""]
+    run = report["flow_run"]
+    lines = ["# olive-grove run report", "", f"Flow run `{run['name']}`; base model `{report['input_model']}`", ""]
     lines += ["| step | task | from cache | seconds | details |", "|---|---|---|---|---|"]
     for step in record:
         cached = "yes" if step.cached else "no"
@@ -115,11 +119,17 @@ def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: s
         lines += ["", "## Training loss", ""]
         lines += [f"![train and eval loss by step]({picture})", ""] if picture else []
         lines += ["| step | loss |", "|---|---|"]
-        lines += [f"| {p.step} | {p.loss:.4f} |" for p in curve]
+        lines += [f"| {p.step} | {p.loss:.4f} |" for p in _table_points(curve)]
     lines += ["", "## Outputs", ""]
-    lines += [f"- `{name}`: {path}" for name, path in report["outputs"].items()]
+    lines += [f"- `{name}`: `{path}`" for name, path in report["outputs"].items()]  # code: `_` in a path stays
     lines += ["", f"Total: {report['total_seconds']} s", ""]
     return "\n".join(lines)
+
+
+def _table_points(curve: list[LossPoint]) -> list[LossPoint]:
+    """About LOSS_TABLE_ROWS evenly spaced steps, and always the last (report.json and the picture have all)."""
+    shown = curve[:: -(-len(curve) // LOSS_TABLE_ROWS)]
+    return shown if shown[-1] is curve[-1] else [*shown, curve[-1]]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -131,4 +141,5 @@ def _write_atomic(path: Path, text: str) -> None:
 def _prefect_artifact(markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(markdown=markdown, key="finetune-report", description="olive-grove run report")
+    # No key: a keyed artifact opens the history of every report under that key, not this run's.
+    create_markdown_artifact(markdown=markdown, description="olive-grove run report: steps, loss, outputs")

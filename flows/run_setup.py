@@ -8,32 +8,56 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from olive_grove.blocks.azure import AZURE_STORAGE_BLOCK, azure_storage_credentials
 from olive_grove.blocks.hub import HF_TOKEN_BLOCK, hf_token
 from olive_grove.flows.config import RunConfig, load_run_config
+from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.files import USER_CACHE
 from olive_grove.tasks.step_cache import StepContext, local_copy_of
-from olive_grove.tasks.storage import is_url
+from olive_grove.tasks.storage import is_url, join
 
 
 class RunOptions(BaseModel):
-    """What a run may change without editing the config; the Prefect UI shows these as a form."""
+    """What a run may change without editing the config: the `finetune` flow's parameters after `config`,
+    which the Prefect UI shows as the run form's fields (described in the flow's docstring)."""
 
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps of every training pass")
-    learning_rate: float | None = Field(None, gt=0, description="learning rate of every training pass")
-    output_dir: str | None = Field(None, description="where outputs go instead of engine.output_dir")
-    passes: list[str] | None = Field(
-        None, description="stop early: run only the config's first passes, named here (e.g. just the LoRA pass)"
-    )
-    overrides: list[str] = Field(default_factory=list, description="more KEY=VALUE settings, as grove --set")
+    # The flow's parameters say "the config's" with a zero or an empty value, not None: the run form then
+    # shows each as a plain field, instead of a None/value switch to click first.
 
-    def load(self, config: str) -> tuple[RunConfig, list[str]]:
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    output_dir: str | None = None
+    passes: list[str] | None = None
+    overrides: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def from_form(cls, **values: Any) -> RunOptions:
+        """The options a run was given as the flow's parameters; a negative number is one line naming it."""
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v not in (0, "", (), [], None)})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise UserError(where, f"{error['msg'].lower()} (got {error['input']!r})") from None
+
+    def as_parameters(self) -> dict[str, Any]:
+        """The flow's parameters for these options (the unset ones left out: their defaults mean unset)."""
+        return self.model_dump(exclude_defaults=True)
+
+    def load(self, config: str | dict[str, Any]) -> tuple[RunConfig, list[str]]:
         training = {"max_steps": self.max_steps, "learning_rate": self.learning_rate}
         training = {k: v for k, v in training.items() if v is not None}
         return load_run_config(config, self.overrides, self.passes, training, self.output_dir)
+
+
+def deployed_run_folder(output_dir: str, run_name: str, run_id: str) -> str:
+    """Where a run started from a deployment publishes, given no output_dir of its own: a folder per run, so a
+    later run never replaces what an earlier run's report points at."""
+    return join(output_dir, "runs", f"{run_name}-{run_id[-8:]}")
 
 
 @contextlib.contextmanager

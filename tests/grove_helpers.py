@@ -9,6 +9,8 @@ import json
 import shutil
 import socket
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prefect_api(url: str, path: str, body: dict | None = None, method: str = "POST") -> Any:
+    """One call to a Prefect server's REST API, retried on 503 as Prefect's own client does (SQLite busy
+    while a worker and its runs write answers 503)."""
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    for attempt in range(6):
+        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 5:
+                raise
+            time.sleep(1 + attempt)

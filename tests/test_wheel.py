@@ -69,8 +69,14 @@ def test_the_wheel_installs_one_top_level_package(wheel_venv: Path):
     site = next((wheel_venv / "lib").glob("python*/site-packages"))
     top = sorted(p.name for p in site.iterdir() if p.name != "test-dependencies.pth")
     assert [n for n in top if not n.endswith(".dist-info")] == ["olive_grove"]
-    assert {p.name for p in (site / "olive_grove").iterdir()} >= {"flows", "tasks", "blocks"}
+    assert {p.name for p in (site / "olive_grove").iterdir()} >= {"flows", "tasks", "blocks", "deployments"}
     assert (site / "olive_grove" / "flows" / "templates" / "olive-config.json").is_file()
+    # What `grove server --with docker,k8s` registers, from the installed package.
+    from olive_grove.flows.serve import GPU_DEPLOYMENTS
+
+    assert (site / "olive_grove" / "deployments" / "prefect.yaml").is_file()
+    for _, _, _, template in GPU_DEPLOYMENTS.values():
+        assert (site / "olive_grove" / "deployments" / "work-pools" / template).is_file()
 
 
 def test_grove_runs_from_a_project_with_its_own_tasks_and_flows(

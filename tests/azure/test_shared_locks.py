@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
-import httpx
 import pytest
-from grove_helpers import PHI3_MODULES, lora_pass, tiny_run_config, write_project
+from grove_helpers import PHI3_MODULES, lora_pass, prefect_api, tiny_run_config, write_project
 
 from olive_grove.flows import local_server
 
@@ -23,7 +23,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture
-def prefect_api(tmp_path, monkeypatch):
+def api(tmp_path, monkeypatch):
     """A real Prefect server both machines talk to (the one `grove run` keeps, in a home of its own)."""
     home = tmp_path / "prefect-home"
     home.mkdir()
@@ -43,25 +43,13 @@ def _wait_for(what: str, check, seconds: float, logs: list[Path]):
     return found
 
 
-def _start_run(api: httpx.Client, deployment_id: str, parameters: dict) -> str:
-    for _ in range(5):  # SQLite busy under two workers' polling answers 503, as Prefect's own client retries
-        response = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
-        if response.status_code < 500:
-            break
-        time.sleep(1)
-    response.raise_for_status()
-    return response.json()["id"]
-
-
-def test_one_machine_computes_each_step_and_the_other_waits_for_it(
-    tmp_path, tiny_phi3, azure_storage, redis_url, prefect_api
-):
+def test_one_machine_computes_each_step_and_the_other_waits_for_it(tmp_path, tiny_phi3, azure_storage, redis_url, api):
     cache = azure_storage.container("cache")
     lora = lora_pass(PHI3_MODULES)
     lora["training_args"]["max_steps"] = 30  # long enough that the second machine reaches it while it trains
     passes = {"lora": lora, "merge": {"type": "MergeAdapterWeights"}}
     config = write_project(tmp_path / "project", tiny_run_config(tiny_phi3, passes, cache_dir=f"az://{cache}/olive"))
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     saved = subprocess.run([GROVE, "blocks", "set-locks", redis_url], env=env, capture_output=True, text=True)
     assert saved.returncode == 0, saved.stderr[-3000:]
 
@@ -74,18 +62,20 @@ def test_one_machine_computes_each_step_and_the_other_waits_for_it(
                 [GROVE, "server", "--pool", machine], cwd=config.parent, stdout=log.open("w"),
                 stderr=subprocess.STDOUT, env={**env, "OLIVE_GROVE_LOCAL_CACHE": str(tmp_path / machine)},
             ))  # fmt: skip
-        api = httpx.Client(base_url=prefect_api, timeout=30)
 
         def deployment(machine: str):
-            response = api.get(f"/deployments/name/finetune/finetune-{machine}")
-            return response.json()["id"] if response.status_code == 200 else None
+            try:
+                return prefect_api(api, f"/deployments/name/finetune/finetune-{machine}", method="GET")["id"]
+            except urllib.error.HTTPError:
+                return None  # not registered yet
 
         ids = [_wait_for(f"the {m} deployment", lambda m=m: deployment(m), 120, logs) for m in MACHINES]
-        runs = [_start_run(api, i, {"config": config.name, "options": {"output_dir": f"out-{m}"}})
+        runs = [prefect_api(api, f"/deployments/{i}/create_flow_run",
+                            {"parameters": {"config": config.name, "output_dir": f"out-{m}"}})["id"]
                 for i, m in zip(ids, MACHINES)]  # fmt: skip
 
         def finished():
-            states = [api.get(f"/flow_runs/{run}").json()["state"] for run in runs]
+            states = [prefect_api(api, f"/flow_runs/{run}", method="GET")["state"] for run in runs]
             return states if all(s["type"] in TERMINAL for s in states) else None
 
         states = _wait_for("both runs", finished, 420, logs)
@@ -106,7 +96,7 @@ def test_one_machine_computes_each_step_and_the_other_waits_for_it(
     assert {step: len(machines) for step, machines in computed.items()} == dict.fromkeys(computed, 1), computed
 
     # The reuser's training task was running (waiting on the lock) while the other machine trained.
-    trains = api.post("/task_runs/filter", json={"task_runs": {"name": {"any_": ["lora"]}}}).json()
+    trains = prefect_api(api, "/task_runs/filter", {"task_runs": {"name": {"any_": ["lora"]}}})
     assert len(trains) == 2
     first, second = sorted(trains, key=lambda t: t["end_time"])
     assert second["start_time"] < first["end_time"], "the second machine never waited for the first"

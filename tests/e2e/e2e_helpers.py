@@ -191,14 +191,17 @@ def run_deployment(server: PrefectServer, name: str, *params: str) -> str:
     return match.group(1)
 
 
-def assert_outputs(output_dir: Path) -> dict[str, Any]:
-    """The layout of Olive's E2E sample, and the report that describes it."""
+def assert_outputs(output_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The layout of Olive's E2E sample, and the report that describes it, in the folder of its own that a
+    deployed flow run publishes to under the config's output_dir."""
+    output_dir = output_dir / "runs" / f"{run['name']}-{run['id'][-8:]}"
     assert (output_dir / "adapter" / "adapter_config.json").is_file(), sorted(output_dir.rglob("*"))
     assert (output_dir / "merged" / "config.json").is_file()
     assert (output_dir / "onnx" / "int4-cpu" / "model.onnx").is_file()
     assert (output_dir / "onnx" / "int4-cpu" / "genai_config.json").is_file()
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report["outputs"]) == {"adapter", "merged", "onnx/int4-cpu"}
+    assert report["flow_run"]["id"] == run["id"]
     return report
 
 

@@ -44,7 +44,7 @@ def test_failed_build_fixed_and_retried_reuses_training(prefect_server: PrefectS
     assert _states(server, flow_run_id, "lora") == ["Completed"]
     assert _states(server, flow_run_id, "merge") == ["Completed"]
     assert _states(server, flow_run_id, "builder") == ["Failed"]
-    assert not (project / "outputs" / "report.json").exists()
+    assert not list((project / "outputs").rglob("report.json"))
 
     # The fix, in place: drop the GPU-only option.
     fixed = json.loads(config.read_text())
@@ -60,7 +60,7 @@ def test_failed_build_fixed_and_retried_reuses_training(prefect_server: PrefectS
     assert retried["id"] == flow_run_id
     assert retried["run_count"] == 2
 
-    report = assert_outputs(project / "outputs")
+    report = assert_outputs(project / "outputs", retried)
     # The steps before the failed one came from the cache; the build ran with the fixed settings.
     assert {"lora/dataset", "lora", "merge"} <= set(report["cached_steps"]), report["cached_steps"]
     assert "builder" not in report["cached_steps"]

@@ -25,9 +25,8 @@ def test_prefect_yaml_deploys_every_deployment(prefect_server: PrefectServer, de
     # The flow's parameters are typed: the UI draws a form for them.
     schema = local["parameter_openapi_schema"]
     assert schema["required"] == ["config"]
-    assert {"max_steps", "learning_rate", "output_dir", "passes", "overrides"} <= set(
-        schema["definitions"]["RunOptions"]["properties"]
-    )
+    assert list(schema["properties"]) == ["config", "max_steps", "learning_rate", "output_dir", "passes", "overrides"]
+    assert all(field["description"] for field in schema["properties"].values())
 
     nightly = deployments["finetune-nightly"]
     assert nightly["work_pool_name"] == "local"
@@ -70,7 +69,7 @@ def test_deployment_run_on_a_process_worker(prefect_server: PrefectServer, worke
     run = prefect_server.wait_for_run(flow_run_id)
     assert run["state"]["type"] == "COMPLETED", prefect_server.describe(flow_run_id)
 
-    report = assert_outputs(tmp_path / "project" / "outputs")
+    report = assert_outputs(tmp_path / "project" / "outputs", run)
     assert report["cached_steps"] == []
     steps = {s["step"]: s for s in report["steps"]}
     assert {"lora/dataset", "lora", "merge", "builder"} <= set(steps)
@@ -99,6 +98,6 @@ def test_grove_submit_sends_the_run_to_the_host_systems_pool(
 
     run = prefect_server.wait_for_run(match.group(1))
     assert run["state"]["type"] == "COMPLETED", prefect_server.describe(match.group(1))
-    assert run["parameters"]["options"] == {"overrides": ["passes.lora.training_args.max_steps=2"]}
-    report = assert_outputs(tmp_path / "project" / "outputs")
+    assert run["parameters"]["overrides"] == ["passes.lora.training_args.max_steps=2"]
+    report = assert_outputs(tmp_path / "project" / "outputs", run)
     assert next(s for s in report["steps"] if s["step"] == "lora")["info"]["steps"] == 2

@@ -138,7 +138,7 @@ def test_the_report_has_the_loss_curve_as_a_picture(first_run: Run):
     import xml.etree.ElementTree as ElementTree
 
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
     md = (first_run.output_dir / "report.md").read_text()
     assert "![train and eval loss by step](loss.svg)" in md
@@ -146,10 +146,14 @@ def test_the_report_has_the_loss_curve_as_a_picture(first_run: Run):
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2  # train and eval loss
     assert len(lines[0].get("points").split()) == 3  # one point per logged step (logging_steps 1, 3 steps)
-    with get_client(sync_client=True) as client:  # the run page's copy carries the picture inline
+    run_id = json.loads((first_run.output_dir / "report.json").read_text())["flow_run"]["id"]
+    with get_client(sync_client=True) as client:  # this run's own report on its page, with the picture inline
         [report] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-report"])), limit=1
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), type=ArtifactFilterType(any_=["markdown"])
+            )
         )
+    assert report.key is None  # a key would open every run's reports under it, not this run's
     assert "![train and eval loss by step](data:image/svg+xml;base64," in report.data
 
 
@@ -161,7 +165,7 @@ def test_report_md_is_readable(first_run: Run):
     assert "| lora | train_adapter | no |" in md and "train_loss " in md and "eval_loss " in md
     assert "## Training loss" in md
     assert md.count("\n| 1 | ") + md.count("\n| 2 | ") + md.count("\n| 3 | ") == 3
-    assert f"- `onnx/int4-cpu`: {first_run.output_dir / 'onnx' / 'int4-cpu'}" in md
+    assert f"- `onnx/int4-cpu`: `{first_run.output_dir / 'onnx' / 'int4-cpu'}`" in md
 
 
 def test_infer_on_the_onnx_output(first_run: Run, tmp_path: Path):

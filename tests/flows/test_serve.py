@@ -10,38 +10,32 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from grove_helpers import lora_pass, tiny_run_config, write_project
+from grove_helpers import lora_pass, prefect_api, tiny_run_config, write_project
 
 
-def _api(url: str, path: str, body: dict | None = None, method: str = "POST"):
-    data = json.dumps(body or {}).encode() if method == "POST" else None
-    request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.loads(answer.read())
-
-
-def _run(url: str, deployment: dict, config: str, timeout: float = 300) -> dict:
-    run = _api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}})
+def _run(url: str, deployment: dict, parameters: dict | None = None, timeout: float = 300) -> dict:
+    """Start a run as the form does (its parameters over the deployment's defaults); the finished flow run."""
+    run = prefect_api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters or {}})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = _api(url, f"/flow_runs/{run['id']}", method="GET")["state"]
-        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return state
+        run = prefect_api(url, f"/flow_runs/{run['id']}", method="GET")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
         time.sleep(1)
     raise AssertionError(f"flow run {run['id']} did not finish in {timeout} s")
 
 
 def test_grove_server_serves_the_installed_flow_until_ctrl_c(tiny_phi3: Path, tmp_path: Path):
     project = tmp_path / "project"
-    write_project(project, tiny_run_config(tiny_phi3, passes={"lora": lora_pass(["o_proj", "qkv_proj"])}))
+    cfg = tiny_run_config(tiny_phi3, passes={"lora": lora_pass(["o_proj", "qkv_proj"])})
+    write_project(project, cfg, name="olive-config.json")
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("OLIVE_GROVE_LOCAL_SERVER", None)
-    server = subprocess.Popen([sys.executable, "-m", "olive_grove.flows.cli", "server"], cwd=project, env=env,
+    server = subprocess.Popen([sys.executable, "-m", "olive_grove.flows.cli", "server", "--with", "docker,k8s"],
+                              cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         said = []
@@ -49,17 +43,38 @@ def test_grove_server_serves_the_installed_flow_until_ctrl_c(tiny_phi3: Path, tm
             line = server.stdout.readline()
             assert line, "grove server ended early:\n" + "".join(said)
             said.append(line)
-        assert "deployments: finetune-local" in "".join(said)
+        assert "deployments: finetune-local, finetune-docker-gpu, finetune-k8s-gpu" in "".join(said)
         url = json.loads((home / "olive-grove-server.json").read_text())["url"]
         assert f"Prefect UI: {url.removesuffix('/api')}" in "".join(said)
-        deployment = _api(url, "/deployments/name/finetune/finetune-local", method="GET")
+        deployment = prefect_api(url, "/deployments/name/finetune/finetune-local", method="GET")
         assert deployment["entrypoint"] == "olive_grove.flows.finetune.finetune"  # the installed package, no checkout
+        assert deployment["parameters"] == {"config": json.loads((project / "olive-config.json").read_text())}
+        for name, pool in (("finetune-docker-gpu", "gpu-docker"), ("finetune-k8s-gpu", "gpu-k8s")):
+            gpu = prefect_api(url, f"/deployments/name/finetune/{name}", method="GET")
+            assert gpu["work_pool_name"] == pool
+            assert prefect_api(url, f"/work_pools/{pool}", method="GET")["base_job_template"]["job_configuration"]
 
-        assert _run(url, deployment, "config.json")["type"] == "COMPLETED"  # relative to where grove server runs
-        assert (project / "outputs" / "run" / "report.json").is_file()
-        failed = _run(url, deployment, "missing.json")
+        # The form's default: the config as an object, its relative paths read from the project.
+        run = _run(url, deployment)
+        assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
+        # A run from a deployment keeps its outputs in a folder of its own; the report names the run.
+        [folder] = (project / "outputs" / "run" / "runs").iterdir()
+        assert folder.name == f"{run['name']}-{run['id'][-8:]}"
+        assert json.loads((folder / "report.json").read_text())["flow_run"]["id"] == run["id"]
+
+        # The config edited in the form (here: one more step) is what runs, and is kept with the run.
+        cfg["passes"]["lora"]["training_args"]["max_steps"] = 4
+        run = _run(url, deployment, {"config": cfg, "output_dir": str(tmp_path / "edited")})
+        assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
+        assert run["parameters"]["config"] == cfg
+        assert json.loads((tmp_path / "edited" / "report.json").read_text())["steps"][-1]["info"]["steps"] == 4
+
+        failed = _run(url, deployment, {"config": "missing.json"})["state"]
         assert failed["type"] == "FAILED"
         assert failed["message"].startswith(f"missing.json: no such config file at {project / 'missing.json'}")
+        failed = _run(url, deployment, {"max_steps": -1})["state"]
+        assert failed["type"] == "FAILED"
+        assert failed["message"].startswith("max_steps: input should be greater than 0 (got -1)"), failed["message"]
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(90)
