@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.metadata
+import json
 import math
 import string
 from pathlib import Path
@@ -13,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
-from olive_grove.tasks.errors import UserError, first_line, located, nearest
+from olive_grove.tasks.errors import UserError, first_line, located, nearest, shown
 from olive_grove.tasks.files import hash_value, remembered, stamped_hash
 from olive_grove.tasks.models import ModelInfo, load_tokenizer
 from olive_grove.tasks.storage import (
@@ -86,6 +88,18 @@ class TextSettings(Settings):
     pad_to_max_len: bool = Field(True, description="pad line-by-line samples to max_seq_len")
     use_attention_mask: bool = True
     add_special_tokens: bool = Field(True, description="wrap each row in the tokenizer's bos/eos tokens")
+    chat_template: bool | str | None = Field(
+        None,
+        description="render message_col with the tokenizer's chat template (true) or this Jinja template; "
+        "the template adds its own special tokens",
+    )
+    message_col: str = Field("messages", description="the column of chat rows: OpenAI role/content or ShareGPT "
+                             "from/value messages")  # fmt: skip
+    train_on_inputs: bool = Field(
+        True,
+        description="false: only the answer carries loss — the assistant's turns of chat rows, or a "
+        "text_template from its last placeholder on",
+    )
     joiner: str = Field("\n\n", description="text between rows in the join strategy")
     padding_side: Literal["left", "right"] = "right"
     drop_short_sequences: bool = False
@@ -100,6 +114,8 @@ class TextSettings(Settings):
     @property
     def columns(self) -> list[str]:
         """The columns a row's text is made of (Olive's meaning: a template's placeholders, else text_cols)."""
+        if self.chat_template:
+            return [self.message_col]
         if self.text_template is not None:
             return template_fields(self.text_template, "text_template")
         return self.text_cols or ["text"]
@@ -117,6 +133,12 @@ class TextSettings(Settings):
                         f"placeholder '{{{name}}}' is not one of text_cols",
                         f"text_cols: {', '.join(self.text_cols)}",
                     )
+        if self.chat_template and self.text_template is not None:
+            raise UserError("chat_template", "and text_template both say how rows become text", "keep one")
+        if not self.train_on_inputs and not self.chat_template and self.text_template is None:
+            raise UserError("train_on_inputs", "false needs to know where the answer starts",
+                            "write a text_template whose last placeholder is the answer, or use chat rows "
+                            "(chat_template: true)")  # fmt: skip
         if self.strategy == "line-by-line" and self.pad_to_max_len and not self.use_attention_mask:
             raise UserError("pad_to_max_len", "padding needs an attention mask", "set use_attention_mask: true")
         if self.pad_to_max_len and self.drop_short_sequences:
@@ -167,16 +189,93 @@ def render_template(template: str, row: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+Segment = tuple[str, bool]  # a piece of a row's text, and whether the loss counts its tokens
+
+
 def row_text(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: str | None) -> str:
-    """A row's training text. An empty cell (null) is empty text, with a template or without."""
+    """A row's training text from its columns (a template, or the columns joined by spaces)."""
+    return "".join(text for text, _ in row_segments(row, settings, bos, eos))
+
+
+def row_segments(row: dict[str, Any], settings: TextSettings, bos: str | None, eos: str | None) -> list[Segment]:
+    """A row's text from its columns, in pieces marked with whether the loss counts them: all of it, unless
+    train_on_inputs is false — then the answer only, the template from its last placeholder on.
+    An empty cell (null) is empty text."""
     if settings.text_template is not None:
-        text = render_template(settings.text_template, row)
-    else:
-        text = " ".join("" if row[c] is None else str(row[c]) for c in settings.columns)
+        literal = settings.text_template
+        split = len(literal) if settings.train_on_inputs else _last_placeholder(literal)
+        prompt, answer = render_template(literal[:split], row), render_template(literal[split:], row)
+    else:  # columns joined: all of it is learned (train_on_inputs false needs a template)
+        prompt, answer = " ".join("" if row[c] is None else str(row[c]) for c in settings.columns), ""
     if settings.add_special_tokens:
         # Olive wraps rows at the string level, with spaces, before tokenizing without special tokens.
-        text = f"{bos or ''} {text} {eos or ''}"
-    return text
+        prompt, answer = f"{bos or ''} {prompt}", f"{answer} {eos or ''}"
+    if settings.train_on_inputs:
+        return [(prompt + answer, True)] if prompt + answer else []
+    return [(text, learn) for text, learn in ((prompt, False), (answer, True)) if text]
+
+
+def _last_placeholder(template: str) -> int:
+    """Where the template's last `{column}` starts."""
+    at, start = 0, 0
+    for literal, name, _, _ in string.Formatter().parse(template):
+        at += len(literal)
+        if name is not None:
+            start = at
+            at += len(name) + 2
+    return start
+
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+         "tool": "tool"}  # fmt: skip
+
+
+def chat_segments(messages: Any, tokenizer, settings: TextSettings) -> list[Segment]:
+    """A chat row rendered with the chat template, in pieces: with train_on_inputs false only the assistant's
+    turns count for the loss (each turn is cut where the template's text for it begins)."""
+    template = settings.chat_template if isinstance(settings.chat_template, str) else None
+    turns = [_message(m, settings.message_col) for m in _messages(messages, settings.message_col)]
+
+    def render(upto: list[dict[str, str]], generation: bool = False) -> str:
+        if not upto:
+            return ""
+        return tokenizer.apply_chat_template(upto, tokenize=False, add_generation_prompt=generation,
+                                             chat_template=template)  # fmt: skip
+
+    if settings.train_on_inputs:
+        return [(render(turns), True)]
+    segments, done = [], ""
+    for i, turn in enumerate(turns):
+        steps = [(render(turns[:i], generation=True), False)] if turn["role"] == "assistant" and i else []
+        for text, learn in [*steps, (render(turns[: i + 1]), turn["role"] == "assistant")]:
+            if not text.startswith(done):
+                raise UserError("pre_process_data_config.train_on_inputs", "false needs a chat template that "
+                                "renders earlier turns the same once later ones follow, and this one does not",
+                                "set train_on_inputs: true, or give a chat_template that does")  # fmt: skip
+            segments.append((text[len(done) :], learn))
+            done = text
+    return [(text, learn) for text, learn in segments if text]
+
+
+def _messages(value: Any, column: str) -> list[Any]:
+    if isinstance(value, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)  # a CSV column holds the list as JSON text
+    if not isinstance(value, list) or not value:
+        raise UserError("pre_process_data_config.message_col", f"column '{column}' holds {shown(value)}, not a "
+                        "list of messages", "each row: [{\"role\": \"user\", \"content\": \"...\"}, ...]")  # fmt: skip
+    return value
+
+
+def _message(message: Any, column: str) -> dict[str, str]:
+    """An OpenAI (role/content) or ShareGPT (from/value) message as role/content."""
+    if isinstance(message, dict):
+        role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
+        if role in ROLES and isinstance(content, str):
+            return {"role": ROLES[role], "content": content}
+    raise UserError("pre_process_data_config.message_col", f"column '{column}' has the message {shown(message)}",
+                    "messages are {role, content} (or ShareGPT's {from, value}); roles: "
+                    + ", ".join(ROLES))  # fmt: skip
 
 
 def load_rows(config: DataConfig, downloads: Path):
@@ -303,18 +402,24 @@ def listed_files(data_files: Any, where: str) -> list[tuple[str, str]]:
     return [(where, f) for f in ([data_files] if isinstance(data_files, str) else data_files)]
 
 
-def tokenize_rows(texts: list[str], tokenizer, settings: TextSettings) -> dict[str, list[list[int]]]:
-    """Turn texts into samples with Olive's semantics: labels copy input_ids, padding is ignored."""
+def tokenize_rows(
+    rows: list[list[Segment]] | list[str], tokenizer, settings: TextSettings
+) -> dict[str, list[list[int]]]:
+    """Turn rows (texts, or text pieces marked with whether they are learned) into samples with Olive's
+    semantics: labels copy input_ids, except padding and pieces the loss does not count."""
+    encoded = encode_rows([[(r, True)] if isinstance(r, str) else r for r in rows], tokenizer)
     if settings.strategy == "packed":
-        return _packed(texts, tokenizer, settings)
+        packed = pack_rows(encoded, settings.max_seq_len)
+        return {k: v[: settings.max_samples] for k, v in packed.items()} if settings.max_samples else packed
     if settings.strategy == "join":
-        samples = _join(texts, tokenizer, settings)
+        joiner = tokenizer.encode(settings.joiner, add_special_tokens=False) if settings.joiner else []
+        samples = _join(encoded, joiner, settings)
     else:
-        samples = _line_by_line(texts, tokenizer, settings)
+        samples = _line_by_line(encoded, tokenizer, settings)
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
-    for ids, mask in samples:
+    for ids, mask, learned in samples:
         out["input_ids"].append(ids)
-        out["labels"].append([t if m == 1 else IGNORE_INDEX for t, m in zip(ids, mask)])
+        out["labels"].append([t if m == 1 and learn else IGNORE_INDEX for t, m, learn in zip(ids, mask, learned)])
         out["attention_mask"].append(mask)
         if settings.max_samples and len(out["input_ids"]) >= settings.max_samples:
             break
@@ -323,41 +428,51 @@ def tokenize_rows(texts: list[str], tokenizer, settings: TextSettings) -> dict[s
     return out
 
 
-def _join(texts: list[str], tokenizer, settings: TextSettings):
-    joiner = tokenizer.encode(settings.joiner, add_special_tokens=False) if settings.joiner else []
+TokenRow = tuple[list[int], list[bool]]  # a row's token ids, and whether the loss counts each
+
+
+def encode_rows(rows: list[list[Segment]], tokenizer) -> list[TokenRow]:
+    """Each row's pieces tokenized (in one batch) and put back together, with a learned flag per token."""
+    pieces = [text for row in rows for text, _ in row]
+    ids = iter(tokenizer(pieces, add_special_tokens=False, truncation=False)["input_ids"]) if pieces else iter([])
+    encoded = []
+    for row in rows:
+        tokens, learned = [], []
+        for _, learn in row:
+            piece = next(ids)
+            tokens += piece
+            learned += [learn] * len(piece)
+        encoded.append((tokens, learned))
+    return encoded
+
+
+def _join(rows: list[TokenRow], joiner: list[int], settings: TextSettings):
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]:
+    learned: list[bool] = []
+    for ids, learn in rows:
         stream += ids + joiner
+        learned += learn + [settings.train_on_inputs] * len(joiner)  # the joiner is no answer
     size = settings.max_seq_len
     # Like Olive: non-overlapping blocks; a stream of exactly n blocks yields n - 1, and the tail is dropped.
     for begin in range(0, len(stream) - size, size):
-        yield stream[begin : begin + size], [1] * size
+        yield stream[begin : begin + size], [1] * size, learned[begin : begin + size]
 
 
-def _line_by_line(texts: list[str], tokenizer, settings: TextSettings):
-    tokenizer.padding_side = settings.padding_side
-    encoded = tokenizer(
-        texts,
-        max_length=settings.max_seq_len,
-        truncation=True,
-        padding="max_length" if settings.pad_to_max_len else False,
-        add_special_tokens=False,
-    )
-    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"]):
-        if settings.drop_short_sequences and len(ids) < settings.max_seq_len:
+def _line_by_line(rows: list[TokenRow], tokenizer, settings: TextSettings):
+    size = settings.max_seq_len
+    for ids, learned in rows:
+        ids, learned = ids[:size], learned[:size]
+        if settings.drop_short_sequences and len(ids) < size:
             continue
-        yield list(ids), list(mask)
+        pad = size - len(ids) if settings.pad_to_max_len else 0
+        mask = [1] * len(ids)
+        if settings.padding_side == "left":
+            yield [tokenizer.pad_token_id] * pad + ids, [0] * pad + mask, [False] * pad + learned
+        else:
+            yield ids + [tokenizer.pad_token_id] * pad, mask + [0] * pad, learned + [False] * pad
 
 
-def _packed(texts: list[str], tokenizer, settings: TextSettings) -> dict[str, list[list[int]]]:
-    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=settings.max_seq_len)
-    rows = pack_rows(encoded["input_ids"], settings.max_seq_len)
-    if settings.max_samples:
-        rows = {k: v[: settings.max_samples] for k, v in rows.items()}
-    return rows
-
-
-def pack_rows(token_rows: list[list[int]], max_len: int) -> dict[str, list[list[int]]]:
+def pack_rows(rows: list[TokenRow] | list[list[int]], max_len: int) -> dict[str, list[list[int]]]:
     """Rows packed whole, in order, into samples of up to `max_len` tokens, each with positions from 0.
 
     The model sees `position_ids` and no attention mask, which transformers reads as packed sequences:
@@ -367,14 +482,15 @@ def pack_rows(token_rows: list[list[int]], max_len: int) -> dict[str, list[list[
     """
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     current: dict[str, list[int]] = {k: [] for k in out}
-    for ids in token_rows:
-        ids = list(ids[:max_len])
+    for row in rows:
+        ids, learned = row if isinstance(row, tuple) else (row, [True] * len(row))
+        ids, learned = list(ids[:max_len]), learned[:max_len]
         if len(current["input_ids"]) + len(ids) > max_len:
             for key in out:
                 out[key].append(current[key])
             current = {k: [] for k in out}
         current["input_ids"] += ids
-        current["labels"] += [IGNORE_INDEX, *ids[1:]]
+        current["labels"] += [IGNORE_INDEX] + [t if learn else IGNORE_INDEX for t, learn in zip(ids[1:], learned[1:])]
         current["position_ids"] += range(len(ids))
     if current["input_ids"]:
         for key in out:
@@ -422,13 +538,17 @@ def prepare_dataset(
     if empty:
         report.log(f"dataset {config.name}: {empty} of {len(rows)} rows have an empty {' or '.join(used)}; "
                    "those cells are empty text")  # fmt: skip
-    texts = [t for t in (row_text(r, text, tokenizer.bos_token, tokenizer.eos_token) for r in rows) if t]
-    samples = datasets.Dataset.from_dict(tokenize_rows(texts, tokenizer, text))
+    if text.chat_template and tokenizer.chat_template is None and not isinstance(text.chat_template, str):
+        raise UserError("data.pre_process_data_config.chat_template", "is true but the model's tokenizer has no "
+                        "chat template", "give the template itself (a Jinja string) as chat_template")  # fmt: skip
+    with located("data"):
+        pieces = [s for s in (_segments(r, text, tokenizer) for r in rows) if s]
+    samples = datasets.Dataset.from_dict(tokenize_rows(pieces, tokenizer, text))
     if len(samples) == 0:
-        total = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+        total = sum(len(ids) for ids, _ in encode_rows(pieces, tokenizer))
         raise UserError(
             "data.pre_process_data_config.max_seq_len",
-            f"the dataset gives no sample: {len(texts)} rows hold {total} tokens, fewer than one "
+            f"the dataset gives no sample: {len(pieces)} rows hold {total} tokens, fewer than one "
             f"{text.max_seq_len}-token block plus one",
             "lower max_seq_len (source_max_len) or use strategy line-by-line",
         )
@@ -454,6 +574,12 @@ def prepare_dataset(
         strategy=text.strategy,
         max_seq_len=text.max_seq_len,
     )
+
+
+def _segments(row: dict[str, Any], settings: TextSettings, tokenizer) -> list[Segment]:
+    if settings.chat_template:
+        return chat_segments(row[settings.message_col], tokenizer, settings)
+    return row_segments(row, settings, tokenizer.bos_token, tokenizer.eos_token)
 
 
 def fingerprint_data(config: DataConfig) -> str:
