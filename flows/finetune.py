@@ -25,7 +25,8 @@ from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.data import fingerprint_data
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.files import hash_files
-from olive_grove.tasks.passes import PASS_TYPES, PREPARE_DATASET, Step
+from olive_grove.tasks.passes import MEASURE_MODEL, PASS_TYPES, PREPARE_DATASET, Step
+from olive_grove.tasks.quality import QualitySettings, measurable
 from olive_grove.tasks.quiet import quiet_library_defaults
 from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.steps import configured, fingerprint_base_model, model_fingerprint
@@ -105,6 +106,7 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
     fingerprints = {name: fingerprint_data(data_configs[name]) for name in used}
     folders = cfg.output_folders()
     outputs: dict[str, Artifact] = {}
+    base, held_out = upstream["model"], None  # the first trained adapter with eval samples: what quality uses
     for name, settings in cfg.passes.items():
         entry = PASS_TYPES[settings.type]
         upstream.update(adapter=next(iter(adapters.values()), None), adapters=dict(adapters))
@@ -116,12 +118,25 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
         artifact = steps.run(entry.step, settings, name, {"": f"passes.{name}"}, **inputs)
         if entry.gives == "adapter":
             adapters[name] = artifact
+            held_out = held_out or (artifact if isinstance(artifact.info, AdapterInfo) and artifact.info.eval_samples
+                                    else None)  # fmt: skip
         else:
             upstream[entry.gives] = artifact
         if entry.gives == "model":  # the adapter is in the model now
             adapters = {}
         outputs[folders[name]] = artifact
+    if held_out is not None:
+        measure_quality(steps, {"base": base, **outputs}, held_out)
     return outputs, steps.record
+
+
+def measure_quality(steps: StepRunner, models: dict[str, Artifact], held_out: Artifact) -> None:
+    """The held-out loss of the base model and of each model the run made (merged, ONNX) that this machine
+    can run, on the trained adapter's eval samples: one cached step each."""
+    for label, artifact in models.items():
+        if measurable(artifact):
+            steps.run(MEASURE_MODEL, QualitySettings(), f"quality/{label}", {"": "engine"}, model=artifact,
+                      samples=held_out)  # fmt: skip
 
 
 def input_adapter(cfg: RunConfig) -> Artifact[AdapterInfo] | None:

@@ -15,6 +15,7 @@ from olive_grove.flows.loss_plot import loss_svg
 from olive_grove.tasks.adapters import AdapterInfo, LossPoint
 from olive_grove.tasks.artifact import Artifact, StepInfo
 from olive_grove.tasks.files import SOURCE_STAMP, publish_copy
+from olive_grove.tasks.quality import QualityInfo, agreement
 from olive_grove.tasks.storage import Remote, is_url, join
 
 LOSS_PICTURE = "loss.svg"
@@ -70,6 +71,7 @@ def write_report(
         "steps": [r.as_json() for r in record],
         "outputs": published,
         "cached_steps": [r.step for r in record if r.cached],
+        "quality": quality(record),
         "total_seconds": round(seconds, 2),
     }
     adapter = trained_adapter(record)
@@ -90,6 +92,27 @@ def write_report(
     inline = f"data:image/svg+xml;base64,{base64.b64encode(picture.encode()).decode()}" if picture else None
     _prefect_artifact(render_markdown(report, record, inline))
     return report
+
+
+def quality(record: list[StepRecord]) -> dict[str, dict[str, Any]]:
+    """Each measured model's held-out loss and perplexity, and how often its greedy next token is the merged
+    model's (for ONNX models: what conversion and int4 changed), by its output folder (or `base`)."""
+    measured = {r.step.removeprefix("quality/"): r for r in record if isinstance(r.artifact.info, QualityInfo)}
+    reference = measured.get("merged")
+    table = {}
+    for name, step in measured.items():
+        info = step.artifact.info
+        row = {
+            "heldout_loss": round(info.heldout_loss, 4),
+            "perplexity": round(info.perplexity, 3),
+            "tokens": info.tokens,
+        }
+        if reference is not None and name != "merged":
+            share = agreement(Path(step.artifact.path) / info.predictions,
+                              Path(reference.artifact.path) / reference.artifact.info.predictions)  # fmt: skip
+            row["agrees_with_merged"] = None if share is None else round(share, 4)
+        table[name] = row
+    return table
 
 
 def trained_adapter(record: list[StepRecord]) -> AdapterInfo | None:
@@ -120,6 +143,15 @@ def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: s
         lines += [f"![train and eval loss by step]({picture})", ""] if picture else []
         lines += ["| step | loss |", "|---|---|"]
         lines += [f"| {p.step} | {p.loss:.4f} |" for p in _table_points(curve)]
+    if report["quality"]:
+        lines += ["", "## Quality on held-out samples", ""]
+        lines += ["| model | held-out loss | perplexity | next token as merged |", "|---|---|---|---|"]
+        for name, row in report["quality"].items():
+            agrees = row.get("agrees_with_merged")
+            shown = "—" if agrees is None else f"{agrees:.1%}"
+            lines.append(f"| {name} | {row['heldout_loss']:.4f} | {row['perplexity']:.2f} | {shown} |")
+        lines += ["", f"On the trained adapter's held-out samples ({next(iter(report['quality'].values()))['tokens']}"
+                  " labelled tokens); `base` is the model before fine-tuning."]  # fmt: skip
     lines += ["", "## Outputs", ""]
     lines += [f"- `{name}`: `{path}`" for name, path in report["outputs"].items()]  # code: `_` in a path stays
     lines += ["", f"Total: {report['total_seconds']} s", ""]

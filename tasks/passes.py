@@ -26,6 +26,7 @@ from olive_grove.tasks.artifact import PassSettings, StepInfo
 from olive_grove.tasks.data import prepare_dataset
 from olive_grove.tasks.merge import MergeSettings, merge_adapter
 from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model
+from olive_grove.tasks.quality import measure_model
 
 # What a pass leaves for the next one: a Hugging Face model, an unmerged adapter, an ONNX model.
 Output = Literal["model", "adapter", "onnx"]
@@ -69,6 +70,7 @@ TRAIN_ADAPTER = Step(train_adapter, version="10")
 MERGE_ADAPTER = Step(merge_adapter, version="5")
 BUILD_ONNX_MODEL = Step(build_onnx_model, version="3")
 EXTRACT_ADAPTERS = Step(extract_adapters, version="1")
+MEASURE_MODEL = Step(measure_model, version="1")  # no pass: the flow measures the run's models with it
 
 # An adapter pass after another trains a sibling adapter on the same model (multi-LoRA).
 _TRAINING = {"step": TRAIN_ADAPTER, "takes": ("model",), "after": frozenset({"model", "adapter"}), "gives": "adapter"}

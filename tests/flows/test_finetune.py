@@ -28,7 +28,9 @@ from grove_helpers import (
 pytestmark = pytest.mark.slow
 
 PROMPT = "### Text: The storm knocked out our power all night.\n### The tone is:\n"
-ALL_STEPS = ["input_model", "lora/dataset", "lora", "merge", "builder"]
+# The passes' steps, then the held-out quality of the base model and of each model the run made.
+ALL_STEPS = ["input_model", "lora/dataset", "lora", "merge", "builder", "quality/base", "quality/merged",
+             "quality/onnx/int4-cpu"]  # fmt: skip
 
 
 @dataclass
@@ -76,7 +78,7 @@ def edited_run(second_run: Run) -> Run:
 
 def test_run_prints_its_outputs(first_run: Run):
     lines = first_run.result.out.strip().splitlines()
-    assert lines[0].startswith("done in ") and lines[0].endswith("s; 0 of 5 steps from cache")
+    assert lines[0].startswith("done in ") and lines[0].endswith("s; 0 of 8 steps from cache")
     out = first_run.output_dir
     assert lines[1:] == [f"  adapter: {out / 'adapter'}", f"  merged: {out / 'merged'}",
                          f"  onnx/int4-cpu: {out / 'onnx' / 'int4-cpu'}"]  # fmt: skip
@@ -116,6 +118,14 @@ def test_report_json_has_rows_samples_and_losses(first_run: Run, tiny_phi3: Path
     assert merge["merged_heldout_loss"] == pytest.approx(lora["eval_loss"], rel=1e-3)
     builder = step(report, "builder")["info"]
     assert (builder["precision"], builder["execution_provider"]) == ("int4", "cpu")
+    # What fine-tuning bought and what int4 cost, on the same held-out samples as the eval loss.
+    quality = report["quality"]
+    assert list(quality) == ["base", "merged", "onnx/int4-cpu"]
+    assert quality["merged"]["heldout_loss"] == pytest.approx(merge["merged_heldout_loss"], rel=1e-3)
+    assert quality["merged"]["tokens"] == quality["base"]["tokens"] == quality["onnx/int4-cpu"]["tokens"] > 0
+    assert quality["onnx/int4-cpu"]["heldout_loss"] == pytest.approx(quality["merged"]["heldout_loss"], rel=0.1)
+    assert 0.5 < quality["onnx/int4-cpu"]["agrees_with_merged"] <= 1
+    assert "agrees_with_merged" not in quality["merged"]
     assert report["outputs"] == {
         "adapter": str(first_run.output_dir / "adapter"),
         "merged": str(first_run.output_dir / "merged"),
@@ -166,6 +176,7 @@ def test_report_md_is_readable(first_run: Run):
     assert "## Training loss" in md
     assert md.count("\n| 1 | ") + md.count("\n| 2 | ") + md.count("\n| 3 | ") == 3
     assert f"- `onnx/int4-cpu`: `{first_run.output_dir / 'onnx' / 'int4-cpu'}`" in md
+    assert "## Quality on held-out samples" in md and "| onnx/int4-cpu | " in md
 
 
 def test_infer_on_the_onnx_output(first_run: Run, tmp_path: Path):
@@ -194,18 +205,19 @@ def test_cache_ls_lists_every_step_result(first_run: Run):
     result = grove("cache", "ls", "--config", first_run.config)
     assert result.rc == 0, result.err
     steps = [line.split()[0] for line in result.out.strip().splitlines()[:-1]]
-    assert sorted(steps) == ["build_onnx_model", "merge_adapter", "prepare_dataset", "train_adapter"]
-    assert result.out.strip().splitlines()[-1].startswith("4 entries, ")
+    assert sorted(steps) == ["build_onnx_model", "measure_model", "measure_model", "measure_model", "merge_adapter",
+                             "prepare_dataset", "train_adapter"]  # fmt: skip
+    assert result.out.strip().splitlines()[-1].startswith("7 entries, ")
     dry = grove("cache", "prune", "--config", first_run.config, "--only-config", "--dry-run")
-    assert dry.rc == 0 and dry.out.count("would remove ") == 4
-    assert len(grove("cache", "ls", "--config", first_run.config).out.strip().splitlines()) == 5  # still there
+    assert dry.rc == 0 and dry.out.count("would remove ") == 7
+    assert len(grove("cache", "ls", "--config", first_run.config).out.strip().splitlines()) == 8  # still there
 
 
 def test_identical_rerun_comes_from_cache_and_is_fast(first_run: Run, second_run: Run):
     report = second_run.report
     assert report["cached_steps"] == ALL_STEPS[1:]  # the base model is always re-fingerprinted
     assert second_run.result.out.startswith("done in ")
-    assert "4 of 5 steps from cache" in second_run.result.out.splitlines()[0]
+    assert "7 of 8 steps from cache" in second_run.result.out.splitlines()[0]
     assert report["total_seconds"] < first_run.report["total_seconds"] / 2
     for label in ALL_STEPS[1:]:
         assert step(report, label)["path"] == step(first_run.report, label)["path"]
@@ -261,7 +273,8 @@ def test_lora_alone_publishes_only_the_adapter(lora_only_run):
     done, _ = lora_only_run
     assert sorted(p.name for p in done.output_dir.iterdir()) == ["adapter", "loss.svg", "report.json", "report.md"]
     assert list(done.report["outputs"]) == ["adapter"]
-    assert [s["step"] for s in done.report["steps"]] == ["input_model", "lora/dataset", "lora"]
+    # The base model is measured on the adapter's held-out samples: the number the fine-tune must beat.
+    assert [s["step"] for s in done.report["steps"]] == ["input_model", "lora/dataset", "lora", "quality/base"]
     assert set(json.loads((done.output_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]) == {
         "q_proj",
         "v_proj",
@@ -269,12 +282,14 @@ def test_lora_alone_publishes_only_the_adapter(lora_only_run):
 
 
 def test_adding_merge_reuses_the_trained_adapter(lora_merge_run: Run):
-    assert lora_merge_run.report["cached_steps"] == ["lora/dataset", "lora"]
+    assert lora_merge_run.report["cached_steps"] == ["lora/dataset", "lora", "quality/base"]
     assert (lora_merge_run.output_dir / "merged" / "config.json").is_file()
 
 
 def test_adding_modelbuilder_reuses_lora_and_merge(lora_merge_builder_run: Run):
-    assert lora_merge_builder_run.report["cached_steps"] == ["lora/dataset", "lora", "merge"]
+    # Only the new build is measured: the base and merged models' quality comes from the cache.
+    assert lora_merge_builder_run.report["cached_steps"] == ["lora/dataset", "lora", "merge", "quality/base",
+                                                             "quality/merged"]  # fmt: skip
     assert not step(lora_merge_builder_run.report, "builder")["cached"]
     assert (lora_merge_builder_run.output_dir / "onnx" / "int4-cpu" / "model.onnx").is_file()
 
@@ -349,7 +364,7 @@ def test_a_merge_after_the_cache_moved_finds_the_adapters_eval_samples(tiny_llam
     merged = run(
         write_project(tmp_path / "after", tiny_run_config(tiny_llama, {"lora": lora, **llama_passes("merge")}))
     )
-    assert merged.report["cached_steps"] == ["lora/dataset", "lora"]
+    assert merged.report["cached_steps"] == ["lora/dataset", "lora", "quality/base"]
     trained, merge = step(merged.report, "lora")["info"], step(merged.report, "merge")["info"]
     assert merge["merged_heldout_loss"] == pytest.approx(trained["eval_loss"], rel=1e-3)
     assert not (tmp_path / "before").exists()
@@ -372,7 +387,8 @@ def test_a_damaged_cache_entry_is_computed_again_not_published(tiny_llama: Path,
     harm(cached)
     again = grove("run", "--config", config)
     assert again.rc == 0, again.err[-2000:]
-    assert read_report(config)["cached_steps"] == ["lora/dataset"]
+    # Trained again, the same seed gives the same adapter: its base-model measurement is still good.
+    assert read_report(config)["cached_steps"] == ["lora/dataset", "quality/base"]
     assert why in caplog.text and "is damaged" in caplog.text  # the run log says why it trained again
     assert (first.output_dir / "adapter" / "adapter_model.safetensors").read_bytes() == published
 
@@ -403,7 +419,7 @@ def test_a_file_where_a_step_folder_should_be_is_replaced(tiny_llama: Path, tmp_
     merged.write_text("junk")
     for _ in range(2):  # the first re-run repairs the entry, the second reuses it
         done = run(config)
-    assert done.report["cached_steps"] == ["lora/dataset", "lora", "merge"]
+    assert done.report["cached_steps"] == ["lora/dataset", "lora", "merge", "quality/base", "quality/merged"]
     assert _entry(tmp_path, "merge_adapter").is_dir()
 
 
