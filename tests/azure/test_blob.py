@@ -32,8 +32,8 @@ def test_data_and_cache_on_blob_are_shared_by_a_second_machine(tmp_path, tiny_ph
     assert first.rc == 0, first.err[-3000:]
     assert read_report(config)["cached_steps"] == []
     records = fs.ls(f"{cache}/olive/results", detail=False)
-    assert len(records) == 4  # dataset, adapter, merged model, ONNX model
-    for name in ("prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model"):
+    assert len(records) == 7  # dataset, adapter, merged model, ONNX model, and the quality of base, merged, ONNX
+    for name in ("prepare_dataset", "train_adapter", "merge_adapter", "build_onnx_model", "measure_model"):
         assert fs.ls(f"{cache}/olive/steps/{name}", detail=False), name
 
     # Another machine: nothing on its disk, outputs to Blob. Every step comes from the shared cache.
@@ -41,7 +41,8 @@ def test_data_and_cache_on_blob_are_shared_by_a_second_machine(tmp_path, tiny_ph
     second = grove("run", "--config", config, "--set", f"engine.output_dir=az://{out}/run")
     assert second.rc == 0, second.err[-3000:]
     report = json.loads(fs.cat_file(f"{out}/run/report.json"))
-    assert sorted(report["cached_steps"]) == ["builder", "lora", "lora/dataset", "merge"]
+    assert sorted(report["cached_steps"]) == ["builder", "lora", "lora/dataset", "merge", "quality/base",
+                                              "quality/merged", "quality/onnx/int4-cpu"]  # fmt: skip
     local_onnx = next((tmp_path / "outputs/a/onnx").rglob("model.onnx"))
     blob_onnx = f"{out}/run/onnx/{local_onnx.parent.name}/model.onnx"
     assert fs.cat_file(blob_onnx) == local_onnx.read_bytes()
@@ -179,7 +180,14 @@ def test_a_damaged_shared_result_is_computed_again_and_shared_whole(tmp_path, ti
             [weights] = fs.glob(f"{cache}/olive/steps/merge_adapter/*/model.safetensors")
             fs.pipe_file(weights, b"\0" * 1000)
         elif machine == "b":
-            assert read_report(config)["cached_steps"] == ["lora/dataset", "lora"]
+            # The damaged merge is made again under the same key, so its measurements are still reused.
+            assert read_report(config)["cached_steps"] == ["lora/dataset", "lora", "quality/base", "quality/merged"]
             assert "the shared result" in caplog.text and "is damaged" in caplog.text
-    assert read_report(config)["cached_steps"] == ["lora/dataset", "lora", "merge"]  # machine c: shared whole again
+    assert read_report(config)["cached_steps"] == [
+        "lora/dataset",
+        "lora",
+        "merge",
+        "quality/base",
+        "quality/merged",
+    ]  # machine c: shared whole again
     assert fs.size(weights) > 1000

@@ -57,7 +57,7 @@ def test_first_run_starts_the_server_the_next_reuses_and_stop_stops(tiny_phi3: P
     second = _grove("run", "--config", config, home=home)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "starting a local Prefect server" not in second.stderr
-    assert "2 of 3 steps from cache" in second.stdout
+    assert "3 of 4 steps from cache" in second.stdout
     assert json.loads((home / "olive-grove-server.json").read_text())["pid"] == state["pid"]
 
     status = _grove("server", "status", home=home).stdout
@@ -67,7 +67,7 @@ def test_first_run_starts_the_server_the_next_reuses_and_stop_stops(tiny_phi3: P
     runs = _api(state["url"], "/flow_runs/filter", {"sort": "START_TIME_ASC"})
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     tasks = _api(state["url"], "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[1]["id"]]}}})
-    assert sorted(t["name"] for t in tasks) == ["lora", "lora/dataset"]
+    assert sorted(t["name"] for t in tasks) == ["lora", "lora/dataset", "quality/base"]
     assert {t["state_name"] for t in tasks} == {"Cached"}
 
     stopped = _grove("server", "stop", home=home)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from grove_helpers import lora_pass, prefect_api, tiny_run_config, write_project
+from grove_helpers import lora_pass, prefect_api, step, tiny_run_config, write_project
 
 
 def _run(url: str, deployment: dict, parameters: dict | None = None, timeout: float = 300) -> dict:
@@ -67,7 +67,7 @@ def test_grove_server_serves_the_installed_flow_until_ctrl_c(tiny_phi3: Path, tm
         run = _run(url, deployment, {"config": cfg, "output_dir": str(tmp_path / "edited")})
         assert run["state"]["type"] == "COMPLETED", run["state"]["message"]
         assert run["parameters"]["config"] == cfg
-        assert json.loads((tmp_path / "edited" / "report.json").read_text())["steps"][-1]["info"]["steps"] == 4
+        assert step(json.loads((tmp_path / "edited" / "report.json").read_text()), "lora")["info"]["steps"] == 4
 
         failed = _run(url, deployment, {"config": "missing.json"})["state"]
         assert failed["type"] == "FAILED"
