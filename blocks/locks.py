@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from olive_grove.tasks.errors import UserError
-
-LOCKS_BLOCK = "olive-grove-locks"
+from olive_grove.tasks.locks import LOCKS_BLOCK, RenewedRedisLockManager
 
 
 def redis_locks(block_name: str = LOCKS_BLOCK):
     """Redis step locks from the RedisDatabase block of that name; None when no such block is saved."""
     from prefect_redis import RedisDatabase
     from redis.exceptions import RedisError
-
-    from olive_grove.tasks.locks import RenewedRedisLockManager
 
     try:
         block = RedisDatabase.load(block_name)

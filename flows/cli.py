@@ -298,10 +298,17 @@ def cmd_blocks_set_azure_storage(args: argparse.Namespace) -> int:
 
 
 def cmd_blocks_set_locks(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+
     from olive_grove.blocks.locks import LOCKS_BLOCK, save_redis_locks
 
     save_redis_locks(sys.stdin.readline().strip() if args.url == "-" else args.url)
-    print(f"saved RedisDatabase block '{LOCKS_BLOCK}': runs whose cache_dir is a URL lock steps there")
+    # Where it went matters: machines that share a cache see it only on the server they all use.
+    where = (
+        PREFECT_API_URL.value()
+        or f"this machine's Prefect database (no PREFECT_API_URL; {os.environ.get('PREFECT_HOME', '~/.prefect')})"
+    )
+    print(f"saved RedisDatabase block '{LOCKS_BLOCK}' on {where}: runs whose cache_dir is a URL lock steps there")
     return 0
 
 

@@ -5,6 +5,7 @@ only when a run asks for them), so `grove validate` checks a config in about a s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,9 +50,23 @@ class RunOptions(BaseModel):
         return self.model_dump(exclude_defaults=True)
 
     def load(self, config: str | dict[str, Any]) -> tuple[RunConfig, list[str]]:
+        config = _as_object_if_json(config)
         training = {"max_steps": self.max_steps, "learning_rate": self.learning_rate}
         training = {k: v for k, v in training.items() if v is not None}
         return load_run_config(config, self.overrides, self.passes, training, self.output_dir)
+
+
+def _as_object_if_json(config: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A config pasted as JSON text where a path or an object was expected (a form, a script) is the object."""
+    if not isinstance(config, str) or not config.lstrip().startswith("{"):
+        return config
+    try:
+        return json.loads(config)
+    except json.JSONDecodeError as exc:
+        problem = f"is JSON text that does not parse ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        raise UserError(
+            "config", problem, "give the config as an object, or the path of a file on the worker"
+        ) from None
 
 
 def deployed_run_folder(output_dir: str, run_name: str, run_id: str) -> str:

@@ -65,7 +65,7 @@ def deployments(pool: str, extras: set[str], config: dict[str, Any], folder: Pat
 
     found = [deployment(f"finetune-{pool}", "Fine-tune from an Olive config on this worker's machine")]
     if "nightly" in extras:
-        found.append(deployment("finetune-nightly", EXTRAS["nightly"], cron="0 2 * * *"))
+        found.append(deployment(f"finetune-{pool}-nightly", EXTRAS["nightly"], cron="0 2 * * *"))
     return found
 
 
@@ -122,7 +122,12 @@ def serve(pool: str, extras: set[str], config: Path | None, say) -> int:
             raise UserError("OLIVE_GROVE_LOCAL_SERVER", "is 'temporary': grove server needs a server that stays",
                             "unset it, or set PREFECT_API_URL to a running server")  # fmt: skip
         starting = local_server.start(home)
-        server = starting.ready()
+        try:
+            server = starting.ready()
+        except local_server.ServerFailed as exc:
+            if starting.new:
+                local_server.stop(home)
+            raise UserError("grove server", str(exc), "or set PREFECT_API_URL to a running server") from None
         url, started = server.url, server if starting.new else None
     try:
         with temporary_settings({PREFECT_API_URL: url}):

@@ -27,6 +27,7 @@ from olive_grove.tasks.adapter_settings import (
 from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, StepInfo, TrainingProgress
 from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.data import DatasetInfo
+from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.evaluate import heldout_loss
 from olive_grove.tasks.files import INTERNAL_PREFIX
 from olive_grove.tasks.models import (
@@ -151,6 +152,7 @@ def _train_in_this_process(
         _close_progress_bars(trainer)  # an interrupted bar would leave the next line (an error) after it
     info = AdapterInfo(dtype=settings.dtype, steps=result.global_step, processes=trainer.args.world_size,
                        train_loss=_finite(result.training_loss))  # fmt: skip
+    check_weights_finite(peft_model)
     if placement.rank != 0:
         return info  # data parallel: process 0 evaluates and saves
 
@@ -286,6 +288,17 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
         except (OSError, ValueError):
             shutil.rmtree(candidate, ignore_errors=True)
     return None
+
+
+def check_weights_finite(peft_model) -> None:
+    """Training that diverged leaves NaN or inf in the trained weights (the logged loss may still look
+    fine): that adapter is a mistake to fix, never a result to cache and publish."""
+    import torch
+
+    for name, weight in peft_model.named_parameters():
+        if weight.requires_grad and not torch.isfinite(weight).all():
+            raise UserError("training_args.learning_rate", f"training diverged: the trained weight {name} holds "
+                            "NaN or inf", "lower learning_rate (or set max_grad_norm)")  # fmt: skip
 
 
 def progress_callbacks(report: Reporter) -> list:

@@ -6,6 +6,7 @@ locks (prefect-redis) when the RedisDatabase block 'olive-grove-locks' is saved 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -18,9 +19,12 @@ from prefect.locking.protocol import LockManager
 from prefect_redis.locking import RedisLockManager
 from redis.exceptions import LockError, RedisError
 
+from olive_grove.tasks.errors import UserError
+
 # A Redis lock expires this long after its holder stopped renewing it (a killed worker's lock frees itself).
 REDIS_HOLD_SECONDS = 120
 REDIS_RENEW_SECONDS = 30
+LOCKS_BLOCK = "olive-grove-locks"  # the RedisDatabase block they are read from (blocks/locks.py)
 
 
 class LiveHolderLockManager(FileSystemLockManager):
@@ -68,15 +72,40 @@ def _holder_died(holder: str) -> bool:
 
 class RenewedRedisLockManager(RedisLockManager):
     """Prefect's Redis locks with an expiry that a live holder keeps pushing back, so a lock outlives a
-    long training step but not a machine that died holding it (Prefect asks for locks without expiry)."""
+    long training step but not a machine that died holding it (Prefect asks for locks without expiry).
+
+    Redis going away while a step holds its lock costs the lock, not the step: letting go of a lock Redis
+    no longer has is a warning, as the lock expires by itself there."""
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout=None, hold_timeout=None) -> bool:
-        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or REDIS_HOLD_SECONDS)
+        try:
+            acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or REDIS_HOLD_SECONDS)
+        except RedisError as exc:
+            raise UserError(
+                f"block {LOCKS_BLOCK}",
+                f"Redis at {self.host}:{self.port} does not answer ({exc})",
+                "start it, or save the block with its address: grove blocks set-locks URL",
+            ) from None
         if acquired:
             name = self._lock_name_for_key(key)
             threading.Thread(target=self._renew, args=(name, self._locks[name]), daemon=True,
                              name=f"renew {name}").start()  # fmt: skip
         return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        try:
+            super().release_lock(key, holder)
+        except RedisError as exc:
+            self._locks.pop(self._lock_name_for_key(key), None)
+            logging.getLogger("prefect.task_runs").warning(
+                "the step lock in Redis at %s:%s could not be let go (%s): it expires in %d s", self.host,
+                self.port, exc, REDIS_HOLD_SECONDS)  # fmt: skip
+
+    def is_locked(self, key: str) -> bool:
+        try:
+            return super().is_locked(key)
+        except RedisError:
+            return False  # nobody can hold a lock in a Redis that is gone
 
     def _renew(self, name: str, lock) -> None:
         while True:

@@ -184,6 +184,43 @@ def test_a_mistake_found_inside_a_step_is_one_line_too(tmp_path: Path, tiny_llam
     assert line in caplog.text
 
 
+def test_training_that_diverges_is_one_line_and_nothing_is_published(tmp_path: Path, tiny_llama: Path):
+    """A fourth prober's find: learning_rate 1e300 left NaN in every trained weight while the logged loss
+    looked fine, and the adapter was cached and published as a good result."""
+    lora = lora_pass(LLAMA_MODULES)
+    lora["training_args"]["learning_rate"] = 1e300
+    config = write_project(tmp_path, tiny_run_config(tiny_llama, {"lora": lora}))
+    result = grove("run", "--config", config)
+    assert result.rc == 2 and len(result.errors) == 1 and "Traceback" not in result.err, result.err[-2000:]
+    assert result.errors[0].startswith("error: passes.lora.training_args.learning_rate: training diverged: the "
+                                       "trained weight ")  # fmt: skip
+    assert not (tmp_path / "outputs").exists()
+    assert [e.step for e in list_cache(tmp_path / "cache")] == ["prepare_dataset"]  # the data was fine
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, None),  # the config file's text, pasted where a path was expected: read as the config
+        ('{"input_model": ', "config: is JSON text that does not parse (Expecting value at line 1 column 17)"),
+    ],
+)
+def test_a_config_given_as_json_text_is_the_config(tmp_path: Path, tiny_llama: Path, text, expected):
+    """A fourth prober's find: JSON text in the run form's config was read as a file name, and the state
+    message quoted the whole config twice."""
+    from olive_grove.flows.run_setup import RunOptions
+    from olive_grove.tasks.errors import UserError
+
+    config = write_project(tmp_path, tiny_run_config(tiny_llama, {"lora": lora_pass(LLAMA_MODULES)}))
+    if expected is None:
+        cfg, _ = RunOptions().load(config.read_text())
+        assert list(cfg.passes) == ["lora"]
+    else:
+        with pytest.raises(UserError) as caught:
+            RunOptions().load(text)
+        assert caught.value.line().startswith(expected), caught.value.line()
+
+
 # ------------------------------------------------------------------------------------------ config files
 
 

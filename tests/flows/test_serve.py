@@ -79,3 +79,15 @@ def test_grove_server_serves_the_installed_flow_until_ctrl_c(tiny_phi3: Path, tm
         server.send_signal(signal.SIGINT)
         server.wait(90)
     assert not (home / "olive-grove-server.json").exists()  # it started the server, so it stopped it
+
+
+def test_each_pool_has_its_own_nightly_deployment():
+    """A fourth prober's find: `--with nightly` on two pools registered one `finetune-nightly`, the last
+    pool's, silently taking it from the first."""
+    from olive_grove.flows.serve import deployments
+
+    names = {pool: [d.name for d in deployments(pool, {"nightly"}, {}, Path.cwd())] for pool in ("local", "p2")}
+    assert names == {
+        "local": ["finetune-local", "finetune-local-nightly"],
+        "p2": ["finetune-p2", "finetune-p2-nightly"],
+    }

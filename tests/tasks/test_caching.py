@@ -3,6 +3,7 @@ locks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -274,6 +275,24 @@ def test_a_redis_lock_lasts_while_its_holder_lives_and_frees_itself_when_it_dies
         other.release_lock("train_adapter-k", holder="machine-b")
     finally:
         process.kill()
+
+
+def test_redis_going_away_while_a_step_holds_its_lock_costs_the_lock_not_the_step(redis_url: str, caplog):
+    """A fourth prober's find: Redis shut down mid-training failed the finished step at its commit, with
+    redis tracebacks, and threw the trained result away."""
+    from olive_grove.tasks.errors import UserError
+    from olive_grove.tasks.locks import RenewedRedisLockManager
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    manager = RenewedRedisLockManager(host="127.0.0.1", port=port)
+    assert manager.acquire_lock("train_adapter-k", holder="me")
+    with contextlib.suppress(Exception):  # the server closes the connection as it stops
+        manager.client.shutdown(nosave=True)
+    manager.release_lock("train_adapter-k", holder="me")  # a warning, not an error
+    assert "could not be let go" in caplog.text
+    assert not manager.is_locked("train_adapter-k")
+    with pytest.raises(UserError, match=r"^block olive-grove-locks: Redis at 127.0.0.1:\d+ does not answer"):
+        manager.acquire_lock("merge_adapter-k", holder="me")
 
 
 def test_a_redis_block_that_does_not_answer_is_one_line():
