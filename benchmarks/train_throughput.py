@@ -211,7 +211,8 @@ def flops_per_token(cfg, n_params: int, context: float) -> float:
     return 4 * n_params + 6 * cfg.num_hidden_layers * context * cfg.hidden_size
 
 
-def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pack_to, context, peak_flops, overrides):
+def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, quantized, pack_to, context, peak_flops,
+            overrides):  # fmt: skip
     results = {}
     for who in ("baseline", "ours"):
         gc.collect()
@@ -222,7 +223,7 @@ def measure(name, model_dir, cfg, rows, args, steps, warmup, out, quantized, pac
             tok_s, peak = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
         else:
             ours_dir = out / f"{name}-ours"
-            tok_s, peak = run_ours(model, rows, args, steps, warmup, ours_dir, quantized, pack_to, overrides)
+            tok_s, peak = run_ours(model, rows, ours_args, steps, warmup, ours_dir, quantized, pack_to, overrides)
         results[who] = (tok_s, peak, tok_s * flops_per_token(cfg, n_params, context) / peak_flops)
         del model
     (base_tok, base_peak, base_mfu), (ours_tok, ours_peak, ours_mfu) = results["baseline"], results["ours"]
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed: the first one compiles")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                         help=f"a speed setting of ours ({', '.join(SPEED_SETTINGS)})")  # fmt: skip
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", type=train_arg,
+                        help="a training_args entry of ours, e.g. gradient_checkpointing=true")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is minutes on a CPU
             AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(model_dir))
     overrides = dict(args.set)
+    ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
+    if ours_args.get("gradient_checkpointing"):  # PEFT's frozen inputs need the non-reentrant kind
+        ours_args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     seq = 128 if args.tiny else 2048
     n_rows = 4 * args.steps * 8
     long_rows = synthetic_rows(cfg.vocab_size, [seq] * n_rows)
@@ -278,13 +284,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for name in args.cases.split(","):
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
-        results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, args.steps, args.warmup, args.work,
+        results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
                                quantized, pack_to, context, peak_flops, overrides))  # fmt: skip
     print_table(results, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
-    variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in overrides.items())
+    varied = {**overrides, **dict(args.train_arg)}
+    variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
     summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
+               "training_args": dict(args.train_arg),
                "cases": [asdict(r) for r in results]}  # fmt: skip
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
@@ -297,6 +305,14 @@ def setting(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or key not in SPEED_SETTINGS:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, KEY one of {', '.join(SPEED_SETTINGS)}")
+    return key, yaml.safe_load(value)
+
+
+def train_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE for ours' training_args, the value read as YAML; the baseline keeps the guide's."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
     return key, yaml.safe_load(value)
 
 

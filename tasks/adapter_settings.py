@@ -225,6 +225,10 @@ class AdapterSettings(PassSettings):
         }
         if not has_eval:
             args["eval_strategy"] = "no"
+        if args.get("gradient_checkpointing"):
+            # The lean-memory setting: recompute each layer in the backward pass. PyTorch's non-reentrant kind
+            # works with frozen inputs (PEFT's) and compiled layers, where the reentrant one does not.
+            args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
         if not has_cuda():
             args["use_cpu"] = True
             args.pop("bf16", None), args.pop("fp16", None)
