@@ -268,8 +268,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
             AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(model_dir))
     overrides = dict(args.set)
     ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
-    if ours_args.get("gradient_checkpointing"):  # PEFT's frozen inputs need the non-reentrant kind
-        ours_args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     seq = 128 if args.tiny else 2048
     n_rows = 4 * args.steps * 8
     long_rows = synthetic_rows(cfg.vocab_size, [seq] * n_rows)

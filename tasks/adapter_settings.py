@@ -28,6 +28,8 @@ DTYPES = Literal["bfloat16", "float16", "float32"]
 # Where Olive's training defaults differ from transformers', so a config written for Olive trains the same.
 # (Olive also turns gradient checkpointing on; here micro_batch_size picks what fits, and a config that wants
 # checkpointing's memory sets gradient_checkpointing: true.)
+# Its name in Olive's configs and older transformers, and the one transformers 5.24 gives it.
+CHECKPOINTING_ARGS = ("gradient_checkpointing", "activation_checkpointing")
 OLIVE_TRAINING_DEFAULTS = {"learning_rate": 2e-4, "lr_scheduler_type": "constant", "warmup_steps": 0.03}
 # Set by the training step itself, so a config may not set them.
 OWNED_TRAINING_ARGS = {"output_dir", "report_to", "remove_unused_columns", "resume_from_checkpoint"}
@@ -207,6 +209,11 @@ class AdapterSettings(PassSettings):
             raise UserError("target_modules", f"has no default for '{model.model_type()}' models",
                             f"name the layers to adapt, from: {', '.join(sorted(names))}")  # fmt: skip
 
+    @property
+    def recomputes_layers(self) -> bool:
+        """Activation (gradient) checkpointing: each layer re-run in the backward pass."""
+        return any(self.training_args.get(name) for name in CHECKPOINTING_ARGS)
+
     def trainer_arguments(self, checkpoint_dir: Path, has_eval: bool, placement: Placement | None = None):
         """transformers.TrainingArguments: Olive's defaults, then the config's, then what the step decides."""
         from transformers import TrainingArguments
@@ -225,10 +232,11 @@ class AdapterSettings(PassSettings):
         }
         if not has_eval:
             args["eval_strategy"] = "no"
-        if args.get("gradient_checkpointing"):
-            # The lean-memory setting: recompute each layer in the backward pass. PyTorch's non-reentrant kind
-            # works with frozen inputs (PEFT's) and compiled layers, where the reentrant one does not.
-            args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        for name in CHECKPOINTING_ARGS:
+            if args.get(name):
+                # The lean-memory setting: recompute each layer in the backward pass. PyTorch's non-reentrant
+                # kind works with frozen inputs (PEFT's) and compiled layers, where the reentrant one does not.
+                args.setdefault(f"{name}_kwargs", {"use_reentrant": False})
         if not has_cuda():
             args["use_cpu"] = True
             args.pop("bf16", None), args.pop("fp16", None)

@@ -191,8 +191,7 @@ def load_base_for_training(settings: AdapterSettings, model_path: str, trust_rem
     device_map = {"": placement.local_rank} if has_cuda() else {"": "cpu"}  # a GPU per process
     model = load_4bit(model_path, settings.model_dump(include={"quant_type", "double_quant", "compute_dtype"}),
                       trust_remote_code, device_map)  # fmt: skip
-    gradient_checkpointing = bool(settings.training_args.get("gradient_checkpointing", False))
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.recomputes_layers)
 
 
 def load_4bit(model_path: str, quantization: dict[str, Any], trust_remote_code: bool, device_map: dict[str, Any]):

@@ -103,7 +103,7 @@ def replays_cuda_graphs(
     """CUDA graphs where they were measured: one process, training samples of one length (a graph is
     recorded per shape), no evaluation (other shapes again), no gradient checkpointing (which re-runs
     layers inside the backward pass)."""
-    recomputes = bool(settings.training_args.get("gradient_checkpointing", False))
+    recomputes = settings.recomputes_layers
     static = len(sample_lengths) == 1 and not evaluates
     alone = placement.world_size == 1
     return settings.cuda_graphs and static and alone and not recomputes and bool(layers)
