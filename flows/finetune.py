@@ -190,7 +190,9 @@ def finetune(
     except UserError as exc:
         # A mistake in the config or its inputs: the run fails with the one line as its state message.
         logger.error(exc.line())
-        return Failed(message=f"{exc.line()} [on {socket.gethostname()}]", data=exc)
+        # The run page shows the state message on one line: several mistakes are joined, each still whole.
+        one_line = "; ".join(exc.line().splitlines())
+        return Failed(message=f"{one_line} [on {socket.gethostname()}]", data=exc)
 
 
 def _finetune(config: str | dict[str, Any], options: RunOptions, logger) -> dict[str, Any]:

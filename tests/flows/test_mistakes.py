@@ -221,6 +221,18 @@ def test_a_config_given_as_json_text_is_the_config(tmp_path: Path, tiny_llama: P
         assert caught.value.line().startswith(expected), caught.value.line()
 
 
+def test_several_mistakes_are_one_state_message_line(tmp_path: Path):
+    """A prober's find: `config: {}` from the run form failed with two lines joined by a newline as the state
+    message, and the worker's host named on the last one only."""
+    import socket
+
+    from olive_grove.flows.finetune import finetune
+
+    state = finetune(config={}, return_state=True)
+    assert state.is_failed()
+    assert state.message == f"input_model: is required; passes: is required [on {socket.gethostname()}]"
+
+
 # ------------------------------------------------------------------------------------------ config files
 
 
