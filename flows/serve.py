@@ -141,27 +141,74 @@ def serve(pool: str, extras: set[str], config: Path | None, say) -> int:
         say(f"Prefect UI: {url.removesuffix('/api')} — Deployments → finetune-{pool} → Run → Custom run; the "
             f"form's config is {shown}; its relative paths are read from {folder}")  # fmt: skip
         say("a worker takes the runs; Ctrl-C stops it" + (" and the server" if started else ""))
-        return _worker(pool, url)
+        code, stopped = _worker(pool, url)
+        if stopped:
+            with temporary_settings({PREFECT_API_URL: url}):
+                crashed = mark_stopped_runs_crashed(pool, stopped)
+            if crashed:
+                say(f"{crashed} run(s) stopped with the worker: Crashed in the UI; Retry runs them again")
+        return code
     finally:
         if started is not None:
             local_server.stop(home)
 
 
-def _worker(pool: str, url: str) -> int:
+def _worker(pool: str, url: str) -> tuple[int, set[int]]:
+    """The worker, until it ends or Ctrl-C; returns its exit code and, when stopped, the PIDs of the flow
+    runs it was running (its child processes then)."""
     env = {**os.environ, "PREFECT_API_URL": url}
     # SIGINT as Ctrl-C gives it, also when grove server was started with it ignored (`&` in a script, nohup).
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], env=env,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stopped as by Ctrl-C
     try:
-        return worker.wait()
+        return worker.wait(), set()
     except KeyboardInterrupt:
-        worker.send_signal(signal.SIGINT)  # the worker cancels what it runs and deregisters
+        running = _children(worker.pid)
+        worker.send_signal(signal.SIGINT)  # the worker stops its runs' processes and deregisters
         try:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
-        return 0
+        return 0, running
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux's /proc; elsewhere none are known)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def mark_stopped_runs_crashed(pool: str, pids: set[int]) -> int:
+    """Runs the stopped worker was running would stay Running in the UI forever: they are Crashed, with
+    what to do, so Retry takes them up from their cached steps. Returns how many."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    states = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=states),
+                                     work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))  # fmt: skip
+        ours = [r for r in runs if str(r.infrastructure_pid or "").rsplit(":", 1)[-1] in {str(p) for p in pids}]
+        message = "grove server stopped while this run ran; Retry runs it again from its cached steps"
+        for run in ours:
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+    return len(ours)
 
 
 def _interrupt(signum, frame) -> None:

@@ -91,3 +91,40 @@ def test_each_pool_has_its_own_nightly_deployment():
         "local": ["finetune-local", "finetune-local-nightly"],
         "p2": ["finetune-p2", "finetune-p2-nightly"],
     }
+
+
+def test_a_run_stopped_with_grove_server_is_crashed_not_running_forever(tiny_phi3: Path, tmp_path: Path):
+    """A prober's find: a deployed run being trained when grove server stopped stayed Running in the UI."""
+    from olive_grove.flows import local_server
+
+    project = tmp_path / "project"
+    lora = lora_pass(["o_proj", "qkv_proj"])
+    lora["training_args"]["max_steps"] = 5000  # still training when grove server stops
+    write_project(project, tiny_run_config(tiny_phi3, passes={"lora": lora}), name="olive-config.json")
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env.pop("OLIVE_GROVE_LOCAL_SERVER", None)
+    url = local_server.start(home).ready().url  # a server that outlives grove server, to read the run from
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "olive_grove.flows.cli", "server"], cwd=project, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        said = []
+        while not any("a worker takes the runs" in line for line in said):
+            line = server.stdout.readline()
+            assert line, "grove server ended early:\n" + "".join(said)
+            said.append(line)
+        deployment = prefect_api(url, "/deployments/name/finetune/finetune-local", method="GET")
+        run = prefect_api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {}})
+        deadline = time.monotonic() + 120
+        while prefect_api(url, f"/flow_runs/{run['id']}", method="GET")["state"]["type"] != "RUNNING":
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.5)
+        time.sleep(3)
+        server.send_signal(signal.SIGINT)
+        rest = server.communicate(timeout=90)[0]
+        assert "1 run(s) stopped with the worker" in rest, rest[-2000:]
+        state = prefect_api(url, f"/flow_runs/{run['id']}", method="GET")["state"]
+        assert state["type"] == "CRASHED"
+        assert state["message"].startswith("grove server stopped while this run ran; Retry runs it again")
+    finally:
+        local_server.stop(home)
