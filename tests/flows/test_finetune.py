@@ -135,11 +135,14 @@ def test_report_json_has_rows_samples_and_losses(first_run: Run, tiny_phi3: Path
 
 def test_training_progress_is_a_named_artifact_with_step_and_losses(first_run: Run):
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        [latest] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-lora"])),
-                                         limit=1)  # fmt: skip
+        # This run's card: other tests' runs update the same key (one that diverged shows no loss).
+        run_id = first_run.report["flow_run"]["id"]
+        mine = ArtifactFilter(key=ArtifactFilterKey(any_=["training-lora"]),
+                              flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))  # fmt: skip
+        [latest] = client.read_artifacts(artifact_filter=mine)
     assert latest.type == "progress" and latest.data == 100.0
     assert latest.description.startswith("adapter training: step 3/3, loss ")
 
