@@ -9,7 +9,6 @@ from olive_grove.tasks.locks import LOCKS_BLOCK, RenewedRedisLockManager
 def redis_locks(block_name: str = LOCKS_BLOCK):
     """Redis step locks from the RedisDatabase block of that name; None when no such block is saved."""
     from prefect_redis import RedisDatabase
-    from redis.exceptions import RedisError
 
     try:
         block = RedisDatabase.load(block_name)
@@ -18,14 +17,8 @@ def redis_locks(block_name: str = LOCKS_BLOCK):
     params = block.as_connection_params()  # a loaded block's also carries its document ids: not for the client
     manager = RenewedRedisLockManager(**{k: params.get(k) for k in ("host", "port", "db", "username", "password")},
                                       ssl=bool(params.get("ssl")))  # fmt: skip
-    try:
-        manager.client.ping()
-    except RedisError as exc:
-        raise UserError(
-            f"block {block_name}",
-            f"Redis at {block.host}:{block.port} does not answer ({exc})",
-            "start it, or save the block with its address: grove blocks set-locks URL",
-        ) from None
+    manager.block = block_name
+    manager.check_answers()
     return manager
 
 

@@ -77,20 +77,28 @@ class RenewedRedisLockManager(RedisLockManager):
     Redis going away while a step holds its lock costs the lock, not the step: letting go of a lock Redis
     no longer has is a warning, as the lock expires by itself there."""
 
+    block = LOCKS_BLOCK  # the RedisDatabase block it was made from, named when Redis does not answer
+
     def acquire_lock(self, key: str, holder: str, acquire_timeout=None, hold_timeout=None) -> bool:
         try:
             acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or REDIS_HOLD_SECONDS)
         except RedisError as exc:
-            raise UserError(
-                f"block {LOCKS_BLOCK}",
-                f"Redis at {self.host}:{self.port} does not answer ({exc})",
-                "start it, or save the block with its address: grove blocks set-locks URL",
-            ) from None
+            raise self._unreachable(exc) from None
         if acquired:
             name = self._lock_name_for_key(key)
             threading.Thread(target=self._renew, args=(name, self._locks[name]), daemon=True,
                              name=f"renew {name}").start()  # fmt: skip
         return acquired
+
+    def check_answers(self) -> None:
+        try:
+            self.client.ping()
+        except RedisError as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: RedisError) -> UserError:
+        return UserError(f"block {self.block}", f"Redis at {self.host}:{self.port} does not answer ({exc})",
+                         "start it, or save the block with its address: grove blocks set-locks URL")  # fmt: skip
 
     def release_lock(self, key: str, holder: str) -> None:
         try:
