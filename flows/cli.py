@@ -420,7 +420,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from olive_grove.flows.submit import submit
 
     options, cfg, _ = checked_config(args)
-    deployment, run_id, outputs = submit(cfg, str(args.config.resolve()), options.as_parameters())
+    deployment, run_id, outputs = submit(cfg, str(args.config.resolve()), options)
     print(f"submitted flow run {run_id} of {deployment}; its outputs go to {outputs} (on the worker's machine)")
     return 0
 

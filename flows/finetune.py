@@ -118,8 +118,8 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
         artifact = steps.run(entry.step, settings, name, {"": f"passes.{name}"}, **inputs)
         if entry.gives == "adapter":
             adapters[name] = artifact
-            held_out = held_out or (artifact if isinstance(artifact.info, AdapterInfo) and artifact.info.eval_samples
-                                    else None)  # fmt: skip
+            if held_out is None and isinstance(artifact.info, AdapterInfo) and artifact.info.eval_samples:
+                held_out = artifact
         else:
             upstream[entry.gives] = artifact
         if entry.gives == "model":  # the adapter is in the model now
@@ -198,8 +198,8 @@ def finetune(
 def _finetune(config: str | dict[str, Any], options: RunOptions, logger) -> dict[str, Any]:
     started = time.perf_counter()
     cfg, notes = options.load(config)
-    if options.output_dir is None and deployment.id:  # from the UI, a schedule or grove submit
-        cfg.engine.output_dir = deployed_run_folder(cfg.engine.output_dir, flow_run.name, flow_run.id)
+    if deployment.id:  # from the UI, a schedule or grove submit
+        cfg.engine.output_dir = deployed_run_folder(cfg, options, flow_run.name, flow_run.id)
     with log_level(cfg.engine.log_severity_level), credentials_for(cfg, logger.info):
         for note in notes:
             logger.info(note)

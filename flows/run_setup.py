@@ -69,10 +69,12 @@ def _as_object_if_json(config: str | dict[str, Any]) -> str | dict[str, Any]:
         ) from None
 
 
-def deployed_run_folder(output_dir: str, run_name: str, run_id: str) -> str:
-    """Where a run started from a deployment publishes, given no output_dir of its own: a folder per run, so a
-    later run never replaces what an earlier run's report points at."""
-    return join(output_dir, "runs", f"{run_name}-{run_id[-8:]}")
+def deployed_run_folder(cfg: RunConfig, options: RunOptions, run_name: str, run_id: str) -> str:
+    """Where a run started from a deployment publishes: the output_dir it was given, else a folder of its own
+    under engine.output_dir, so a later run never replaces what an earlier run's report points at."""
+    if options.output_dir:
+        return cfg.engine.output_dir
+    return join(cfg.engine.output_dir, "runs", f"{run_name}-{run_id[-8:]}")
 
 
 @contextlib.contextmanager

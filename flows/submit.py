@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from olive_grove.flows.config import RunConfig
-from olive_grove.flows.run_setup import deployed_run_folder
+from olive_grove.flows.run_setup import RunOptions, deployed_run_folder
 from olive_grove.tasks.errors import UserError
 
 FLOW_NAME = "finetune"
@@ -27,7 +25,7 @@ def work_pool_for(cfg: RunConfig) -> str:
     return host.work_pool or DEFAULT_POOLS[host.type]
 
 
-def submit(cfg: RunConfig, config_path: str, options: dict[str, Any]) -> tuple[str, str, str]:
+def submit(cfg: RunConfig, config_path: str, options: RunOptions) -> tuple[str, str, str]:
     """Create a flow run of the pool's `finetune` deployment; returns the deployment's name, the flow run's
     id and where its outputs will be."""
     from prefect.client.orchestration import get_client
@@ -48,6 +46,6 @@ def submit(cfg: RunConfig, config_path: str, options: dict[str, Any]) -> tuple[s
         raise UserError(where, f"no '{FLOW_NAME}' deployment on work pool '{pool}'",
                         "prefect deploy --all --prefect-file deployments/prefect.yaml")  # fmt: skip
     deployment = min(found, key=lambda d: (bool(d.schedules), d.name))  # an unscheduled one, if any
-    run = run_deployment(deployment.id, parameters={"config": config_path, **options}, timeout=0)
-    outputs = options.get("output_dir") or deployed_run_folder(cfg.engine.output_dir, run.name, str(run.id))
+    run = run_deployment(deployment.id, parameters={"config": config_path, **options.as_parameters()}, timeout=0)
+    outputs = deployed_run_folder(cfg, options, run.name, str(run.id))
     return f"{FLOW_NAME}/{deployment.name}", str(run.id), outputs
