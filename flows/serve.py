@@ -204,7 +204,8 @@ def mark_stopped_runs_crashed(pool: str, pids: set[int]) -> int:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=states),
                                      work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))  # fmt: skip
-        ours = [r for r in runs if str(r.infrastructure_pid or "").rsplit(":", 1)[-1] in {str(p) for p in pids}]
+        stopped = {str(p) for p in pids}
+        ours = [r for r in runs if str(r.infrastructure_pid or "").rsplit(":", 1)[-1] in stopped]
         message = "grove server stopped while this run ran; Retry runs it again from its cached steps"
         for run in ours:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
