@@ -188,7 +188,7 @@ def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_
     settings = kind(train_data_config="x", r=64, alpha=64, lora_dropout=0.1, target_modules=["qkv_proj", "o_proj"],
                     training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps,
                                    "disable_tqdm": True}, **overrides)  # fmt: skip
-    data = pack_rows(rows, pack_to) if pack_to else unpacked(rows)
+    data = pack_rows([(r, [True] * len(r)) for r in rows], pack_to) if pack_to else unpacked(rows)
     meter = Meter(warmup)
     from peft import get_peft_model
 

@@ -472,7 +472,7 @@ def _line_by_line(rows: list[TokenRow], tokenizer, settings: TextSettings):
             yield ids + [tokenizer.pad_token_id] * pad, mask + [0] * pad, learned + [False] * pad
 
 
-def pack_rows(rows: list[TokenRow] | list[list[int]], max_len: int) -> dict[str, list[list[int]]]:
+def pack_rows(rows: list[TokenRow], max_len: int) -> dict[str, list[list[int]]]:
     """Rows packed whole, in order, into samples of up to `max_len` tokens, each with positions from 0.
 
     The model sees `position_ids` and no attention mask, which transformers reads as packed sequences:
@@ -482,8 +482,7 @@ def pack_rows(rows: list[TokenRow] | list[list[int]], max_len: int) -> dict[str,
     """
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     current: dict[str, list[int]] = {k: [] for k in out}
-    for row in rows:
-        ids, learned = row if isinstance(row, tuple) else (row, [True] * len(row))
+    for ids, learned in rows:
         ids, learned = list(ids[:max_len]), learned[:max_len]
         if len(current["input_ids"]) + len(ids) > max_len:
             for key in out:
