@@ -61,7 +61,7 @@ def _quiet_prefect_at_exit():
                 handler.console.file = sys.__stderr__
 
 
-from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_ARGS, free_port  # noqa: E402
+from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_ARGS, free_port, listening  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +151,7 @@ def llama_adapter(tiny_llama, llama_dataset, tmp_path_factory) -> dict[str, Any]
 @pytest.fixture
 def redis_url(tmp_path):
     """Debian's redis-server on a loopback port, for this test only."""
-    import socket
     import subprocess
-    import time
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -161,14 +159,7 @@ def redis_url(tmp_path):
     port = free_port()
     process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
                                 "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
+    assert listening(port, process, 30), "redis-server did not start"
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=30)

@@ -239,3 +239,16 @@ def prefect_api(url: str, path: str, body: dict | None = None, method: str = "PO
             if exc.code != 503 or attempt == 5:
                 raise
             time.sleep(1 + attempt)
+
+
+def listening(port: int, process, seconds: float) -> bool:
+    """Whether `process` (a service a test started) listens on the loopback `port` within `seconds`; False as
+    soon as it exits."""
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from grove_helpers import free_port
+from grove_helpers import free_port, listening
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AZURITE = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
@@ -37,16 +35,9 @@ def azurite_port(tmp_path_factory) -> int:
          "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"],
         stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"Azurite did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+    if not listening(port, process, 60):
+        process.kill()
+        pytest.fail(f"Azurite did not start: {log.read_text()[-2000:]}")
     yield port
     process.terminate()
     process.wait(timeout=30)

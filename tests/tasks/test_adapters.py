@@ -223,33 +223,40 @@ def test_compiled_decoder_layers_train_like_eager_ones(arch: str, modules: list[
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
 
 
-def test_lean_memory_trains_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
-    """gradient_checkpointing (the lean-memory setting: each layer recomputed in the backward pass), with the
-    whole effective batch in one pass, trains the adapter that the plain step with micro-batches does."""
+def _lora_b_after_training(model_dir: Path, rows: int, out: Path, device: int | None = None, **settings) -> tuple:
+    """Train a rank-4 LoRA on the tiny Phi-3 through the step's own trainer (4 samples per optimizer step);
+    the trainer's arguments and its lora_B weights after training."""
     import datasets
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from olive_grove.tasks.adapters import make_trainer
 
-    rows = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(16)]
-    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    ids = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(rows)]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    placed = {"device_map": {"": device}} if device is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **placed)
+    training_args = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "learning_rate": 1e-2,
+                     "save_strategy": "no", "seed": 0, **settings.pop("training_args")}  # fmt: skip
+    lora = LoRASettings(train_data_config="d", r=4, lora_dropout=0.0, target_modules=PHI3_MODULES,
+                        training_args=training_args, **settings)  # fmt: skip
+    peft_model = get_peft_model(base, lora.peft_config(lora.target_modules))
+    trainer = make_trainer(lora, peft_model, 0, data, None, out, speed.Placement(), Recorder())
+    trainer.train()
+    return trainer.args, {n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+
+
+def test_lean_memory_trains_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
+    """gradient_checkpointing (the lean-memory setting: each layer recomputed in the backward pass), with the
+    whole effective batch in one pass, trains the adapter that the plain step with micro-batches does."""
 
     def adapter_after_training(lean: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32)
-        settings = LoRASettings(
-            train_data_config="d", r=4, lora_dropout=0.0, target_modules=PHI3_MODULES,
-            micro_batch_size=4 if lean else 1,
-            training_args={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 3,
-                           "learning_rate": 1e-2, "save_strategy": "no", "seed": 0, "gradient_checkpointing": lean},
-        )  # fmt: skip
-        peft_model = get_peft_model(base, settings.peft_config(settings.target_modules))
-        trainer = make_trainer(settings, peft_model, 0, data, None, tmp_path / str(lean), speed.Placement(),
-                               Recorder())  # fmt: skip
-        assert trainer.args.gradient_checkpointing == lean
-        trainer.train()
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+        settings = {"micro_batch_size": 4 if lean else 1,
+                    "training_args": {"max_steps": 3, "gradient_checkpointing": lean}}  # fmt: skip
+        args, weights = _lora_b_after_training(tiny_phi3, 16, tmp_path / str(lean), **settings)
+        assert args.gradient_checkpointing == lean
+        return weights
 
     lean, plain = adapter_after_training(True), adapter_after_training(False)
     for name, weight in plain.items():
@@ -261,29 +268,12 @@ def test_lean_memory_trains_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_train_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
     """Over optimizer steps of several micro-batches each, graph replays accumulate what eager passes do."""
-    import datasets
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from olive_grove.tasks.adapters import make_trainer
-
-    rows = [[(7 * i + j) % 90 + 3 for j in range(32)] for i in range(24)]
-    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
 
     def adapter_after_training(cuda_graphs: bool) -> dict[str, torch.Tensor]:
         torch._dynamo.reset()
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32, device_map={"": 0})
-        settings = LoRASettings(
-            train_data_config="d", r=4, lora_dropout=0.0, target_modules=PHI3_MODULES, cuda_graphs=cuda_graphs,
-            micro_batch_size=1, fused_kernels=False,
-            training_args={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_steps": 4,
-                           "learning_rate": 1e-2, "save_strategy": "no", "seed": 0},
-        )  # fmt: skip
-        peft_model = get_peft_model(base, settings.peft_config(settings.target_modules))
-        trainer = make_trainer(settings, peft_model, 0, data, None, tmp_path / str(cuda_graphs), speed.Placement(),
-                               Recorder())  # fmt: skip
-        trainer.train()
-        return {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+        return _lora_b_after_training(tiny_phi3, 24, tmp_path / str(cuda_graphs), device=0, cuda_graphs=cuda_graphs,
+                                      micro_batch_size=1, fused_kernels=False,
+                                      training_args={"max_steps": 4})[1]  # fmt: skip
 
     replayed, compiled = adapter_after_training(True), adapter_after_training(False)
     for name, weight in compiled.items():
