@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import re
 import typing
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlparse
 
+import pydantic
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from olive_grove.flows.config_file import apply_overrides, checked_mapping, read_config_file
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
-from olive_grove.tasks.artifact import NO_EVALUATORS, Settings, no_effect
+from olive_grove.tasks.artifact import Settings, no_effect
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
 from olive_grove.tasks.errors import UserError, UserErrors, nearest, shown
+from olive_grove.tasks.evaluators import Evaluator, Metric
 from olive_grove.tasks.models import ModelSource
 from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
 from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, MERGE_ADAPTER, PASS_TYPES, Output
@@ -134,14 +137,16 @@ class EngineConfig(Settings):
     execution_providers: list[str] | None = None
     log_severity_level: int = Field(1, ge=0, le=4, description="the run log's level: 0 debug, 1 info … 4 fatal")
     search_strategy: Any = no_effect("every pass runs once, with its settings")
-    evaluate_input_model: Any = no_effect()
+    evaluate_input_model: bool = Field(True, description="the evaluators measure the base model too")
     clean_cache: Any = no_effect("grove cache prune removes cached steps")
     clean_evaluation_cache: Any = no_effect()
     packaging_config: Any = no_effect()
     output_name: Any = no_effect()
     plot_pareto_frontier: Any = no_effect()
     no_artifacts: Any = no_effect()
-    evaluator: Any = no_effect(NO_EVALUATORS)
+    evaluator: str | dict[str, Any] | None = Field(
+        None, description="measures the run's models: an evaluators name, or one in place"
+    )
     ort_log_severity_level: Any = no_effect()
     ort_py_log_severity_level: Any = no_effect()
     log_to_file: Any = no_effect("the run's log is kept by Prefect (grove run prints it, the UI shows it)")
@@ -163,7 +168,7 @@ class RunConfig(Settings):
     systems: dict[str, SystemConfig] = Field(default_factory=dict)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     azureml_client: AzureMLClient | None = None
-    evaluators: Any = no_effect(NO_EVALUATORS)
+    evaluators: dict[str, Evaluator] = Field(default_factory=dict, description="evaluators by name")
     workflow_id: Any = no_effect("each run is a Prefect flow run with its own id")
     auto_optimizer_config: Any = no_effect("every pass runs as configured")
 
@@ -193,7 +198,47 @@ class RunConfig(Settings):
             if ref is not None and ref not in self.systems:
                 raise UserError(f"engine.{key}", f"no systems entry named '{ref}'", nearest(ref, self.systems))
         check_pass_order(self)
+        self._name_inline_evaluators()
+        for name, evaluator in self.evaluators.items():
+            for index, metric in enumerate(getattr(evaluator, "metrics", [])):
+                ref = metric.data_config
+                if isinstance(ref, str) and ref not in names:
+                    raise UserError(f"evaluators.{name}.metrics[{index}].data_config",
+                                    f"no data config named '{ref}'", nearest(ref, names))  # fmt: skip
         return self
+
+    def _name_inline_evaluators(self) -> None:
+        """An evaluator written in place (on the engine or a pass) joins `evaluators` under a name of its own,
+        and the key names it: from here on every evaluator is an `evaluators` entry."""
+        holders = [("engine", self.engine), *((f"passes.{n}", s) for n, s in self.passes.items())]
+        for where, holder in holders:
+            ref = holder.evaluator
+            if isinstance(ref, str) and ref not in self.evaluators:
+                raise UserError(
+                    f"{where}.evaluator",
+                    f"no evaluators entry named '{ref}'",
+                    nearest(ref, self.evaluators) or "name one of evaluators, or write it here",
+                )
+            if isinstance(ref, dict):
+                name = where.split(".")[-1] + "-evaluator"
+                while name in self.evaluators:
+                    name += "_"
+                self.evaluators[name] = _evaluator(ref, f"{where}.evaluator")
+                holder.evaluator = name
+
+    def used_evaluators(self) -> dict[str, Evaluator]:
+        """The evaluators the engine or a pass names, by name."""
+        names = [self.engine.evaluator, *(s.evaluator for s in self.passes.values())]
+        return {name: self.evaluators[name] for name in names if name}
+
+    def data_named(self, ref: str | DataConfig) -> DataConfig:
+        """A data config a key names (or holds in place)."""
+        return ref if isinstance(ref, DataConfig) else next(d for d in self.data_configs if d.name == ref)
+
+    def evaluator_of(self, pass_name: str | None) -> tuple[str, Evaluator] | None:
+        """What evaluates a pass's model (None: the base model): its own evaluator, else the engine's."""
+        name = (self.passes[pass_name].evaluator if pass_name else None) or self.engine.evaluator
+        return (name, self.evaluators[name]) if name else None
 
     def user_error(self, error: UserError) -> UserError:
         """The same error, located where the user wrote the key (the nested form nests deeper)."""
@@ -235,7 +280,20 @@ class RunConfig(Settings):
         return f"data_configs[{[d.name for d in self.data_configs].index(name)}]"
 
 
+def _evaluator(raw: dict[str, Any], where: str) -> Evaluator:
+    try:
+        return pydantic.TypeAdapter(Evaluator).validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _dotted([p for p in first["loc"][1:] if not _is_tag(p)])  # [0]: the evaluator's type
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, UserError):
+            raise cause.under(f"{where}.{key}".rstrip(".")) from None
+        raise UserError(f"{where}.{key}".rstrip("."), first["msg"]) from None
+
+
 def _previous(folders: dict[str, str]) -> str:
+
     return next(reversed(folders), "")
 
 
@@ -410,7 +468,7 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
         value = os.path.expandvars(os.path.expanduser(value))
         return value if Path(value).is_absolute() else os.path.normpath(base / value)
 
-    for data in cfg.data_configs:
+    for data in cfg.data_configs + [m.data_config for m in _metrics(cfg) if isinstance(m.data_config, DataConfig)]:
         load = data.load_dataset_config
         files = load.data_files
         if load.data_dir:
@@ -423,6 +481,12 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
             load.data_files = [local(f) for f in files]
         elif isinstance(files, dict):
             load.data_files = {k: local(v) if isinstance(v, str) else [local(f) for f in v] for k, v in files.items()}
+    for user in (m.user_config for m in _metrics(cfg)):
+        user.user_script = user.user_script and local(user.user_script)
+        user.script_dir = user.script_dir and local(user.script_dir)
+    for evaluator in cfg.evaluators.values():
+        if getattr(evaluator, "include_path", None):
+            evaluator.include_path = local(evaluator.include_path)
     model_path = cfg.input_model.model_path
     if isinstance(model_path, str) and (_looks_local(model_path) or (base / local(model_path)).exists()):
         cfg.input_model.model_path = local(model_path)
@@ -430,6 +494,10 @@ def resolve_paths(cfg: RunConfig, base: Path) -> None:
         cfg.input_model.adapter_path = local(cfg.input_model.adapter_path)
     for key in ("cache_dir", "output_dir"):
         setattr(cfg.engine, key, local(getattr(cfg.engine, key)))
+
+
+def _metrics(cfg: RunConfig) -> list[Metric]:
+    return [m for e in cfg.evaluators.values() for m in getattr(e, "metrics", [])]
 
 
 def _looks_local(path: str) -> bool:
@@ -492,10 +560,21 @@ def no_effect_notes(cfg: RunConfig) -> list[tuple[str, str]]:
                 visit(value, f"{path}[{index}]")
 
     visit(cfg, "")
+    found = _once_per_kind(found)
     for name, settings in cfg.passes.items():
         if getattr(settings, "eval_data_config", None) and getattr(settings, "eval_dataset_size", None):
             found.append((f"passes.{name}.eval_dataset_size", " has no effect: eval_data_config gives the eval data"))
     return found
+
+
+def _once_per_kind(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The same key in several list entries (each metric's `priority`) is one note, `metrics[*].priority`."""
+    kinds = Counter(re.sub(r"\[\d+\]", "[*]", key) for key, _ in notes)
+    merged: dict[str, str] = {}
+    for key, note in notes:
+        kind = re.sub(r"\[\d+\]", "[*]", key)
+        merged.setdefault(kind if kinds[kind] > 1 else key, note)
+    return list(merged.items())
 
 
 def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:
@@ -525,7 +604,18 @@ def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError
 
 
 # Parts of a pydantic error location that name a union member rather than a key.
-_UNION_TAGS = {*PASS_TYPES, "Accelerator", "AzureMLDatastore", "str", "int", "float", "bool"}
+_UNION_TAGS = {
+    *PASS_TYPES,
+    "Accelerator",
+    "AzureMLDatastore",
+    "DataConfig",
+    "OliveEvaluator",
+    "LMEvaluator",
+    "str",
+    "int",
+    "float",
+    "bool",
+}
 
 
 def _is_tag(part: Any) -> bool:

@@ -17,6 +17,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Failed
 
 from olive_grove.flows.config import RunConfig
+from olive_grove.flows.evaluation import evaluation_settings
 from olive_grove.flows.preflight import check_before_work
 from olive_grove.flows.report import StepRecord, publish_outputs, write_report
 from olive_grove.flows.run_setup import RunOptions, credentials_for, deployed_run_folder, step_context
@@ -25,9 +26,10 @@ from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.data import fingerprint_data
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.files import hash_files
-from olive_grove.tasks.passes import MEASURE_MODEL, PASS_TYPES, PREPARE_DATASET, Step
-from olive_grove.tasks.quality import QualitySettings, measurable
+from olive_grove.tasks.passes import EVALUATE_MODEL, MEASURE_MODEL, PASS_TYPES, PREPARE_DATASET, Step
+from olive_grove.tasks.quality import QualitySettings
 from olive_grove.tasks.quiet import quiet_library_defaults
+from olive_grove.tasks.runners import NOT_A_MODEL, why_not_runnable
 from olive_grove.tasks.step_cache import StepContext
 from olive_grove.tasks.steps import configured, fingerprint_base_model, model_fingerprint
 
@@ -43,6 +45,16 @@ class StepRunner:
     def __init__(self, cfg: RunConfig, ctx: StepContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.record: list[StepRecord] = []
+        self.not_measured: dict[str, str] = {}  # models this machine cannot run, and why
+
+    def cannot_run(self, label: str, artifact: Artifact) -> bool:
+        """Whether a model of the run cannot be measured here; an unrunnable model (not an adapter) is
+        noted for the report."""
+        why = why_not_runnable(artifact)
+        if why and why != NOT_A_MODEL:
+            self.not_measured[label] = why
+            get_run_logger().info("%s: not measured here: %s", label, why)
+        return why is not None
 
     def run(self, step: Step, settings: Any, label: str, where: dict[str, str], **inputs: Artifact | None) -> Artifact:
         """Run a cached step; `where` maps the first part of an error's key to its section of the config."""
@@ -94,9 +106,10 @@ def _relocated(error: UserError, where: dict[str, str]) -> UserError:
     return error.under(where[""])
 
 
-def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], list[StepRecord]]:
-    """One step per pass, in the config's order (plus the dataset steps a pass asks for); returns the
-    outputs by their folder in engine.output_dir, and a record per step."""
+def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], StepRunner]:
+    """One step per pass, in the config's order (plus the dataset steps a pass asks for), then the steps
+    that measure the models; returns the outputs by their folder in engine.output_dir, and the runner that
+    recorded every step."""
     steps = StepRunner(cfg, ctx)
     given = input_adapter(cfg)
     adapters: dict[str, Artifact] = {Path(cfg.input_model.adapter_path).name: given} if given else {}
@@ -125,18 +138,33 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], l
         if entry.gives == "model":  # the adapter is in the model now
             adapters = {}
         outputs[folders[name]] = artifact
+    models = {"base": (None, base)} | {folders[name]: (name, outputs[folders[name]]) for name in cfg.passes}
+    runnable = {label: made for label, made in models.items() if not steps.cannot_run(label, made[1])}
     if held_out is not None:
-        measure_quality(steps, {"base": base, **outputs}, held_out)
-    return outputs, steps.record
+        measure_quality(steps, {label: artifact for label, (_, artifact) in runnable.items()}, held_out)
+    evaluate(steps, runnable)
+    return outputs, steps
 
 
 def measure_quality(steps: StepRunner, models: dict[str, Artifact], held_out: Artifact) -> None:
-    """The held-out loss of the base model and of each model the run made (merged, ONNX) that this machine
-    can run, on the trained adapter's eval samples: one cached step each."""
+    """The held-out loss of the base model and of each model the run made (merged, ONNX), on the trained
+    adapter's eval samples: one cached step each."""
     for label, artifact in models.items():
-        if measurable(artifact):
-            steps.run(MEASURE_MODEL, QualitySettings(), f"quality/{label}", {"": "engine"}, model=artifact,
-                      samples=held_out)  # fmt: skip
+        steps.run(MEASURE_MODEL, QualitySettings(), f"quality/{label}", {"": "engine"}, model=artifact,
+                  samples=held_out)  # fmt: skip
+
+
+def evaluate(steps: StepRunner, models: dict[str, tuple[str | None, Artifact]]) -> None:
+    """Each model's evaluator (its pass's own, else the engine's; the base model's is the engine's, unless
+    engine.evaluate_input_model is false): one cached step per evaluator and model."""
+    cfg = steps.cfg
+    for label, (pass_name, artifact) in models.items():
+        chosen = cfg.evaluator_of(pass_name)
+        if chosen is None or (pass_name is None and not cfg.engine.evaluate_input_model):
+            continue
+        name, evaluator = chosen
+        steps.run(EVALUATE_MODEL, evaluation_settings(cfg, name, evaluator), f"evaluate/{name}/{label}",
+                  {"": f"evaluators.{name}"}, model=artifact)  # fmt: skip
 
 
 def input_adapter(cfg: RunConfig) -> Artifact[AdapterInfo] | None:
@@ -205,10 +233,10 @@ def _finetune(config: str | dict[str, Any], options: RunOptions, logger) -> dict
             logger.info(note)
         ctx = step_context(cfg)
         check_before_work(cfg, ctx)
-        outputs, record = run_passes(cfg, ctx)
+        outputs, steps = run_passes(cfg, ctx)
         output_dir = cfg.engine.output_dir
         published = publish_outputs(outputs, output_dir, Path(ctx.cache_dir))
-        report = write_report(cfg, record, published, output_dir, time.perf_counter() - started)
+        report = write_report(cfg, steps, published, output_dir, time.perf_counter() - started)
         logger.info("outputs in %s", output_dir)
     return report
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from olive_grove.flows.config import RunConfig, unmerged_adapters
 from olive_grove.tasks.azureml import connect
-from olive_grove.tasks.data import AzureMLDatastore, check_data, listed_files
+from olive_grove.tasks.data import AzureMLDatastore, DataConfig, check_data, listed_files
 from olive_grove.tasks.errors import Unreachable, UserError, located
+from olive_grove.tasks.evaluators import Evaluator, LMEvaluatorSettings, load_user_function
+from olive_grove.tasks.lm_harness import check_tasks
 from olive_grove.tasks.models import ModelFacts, check_adapter_folder, check_model_source
 from olive_grove.tasks.passes import BUILD_ONNX_MODEL, EXTRACT_ADAPTERS, PASS_TYPES
 from olive_grove.tasks.quiet import quiet_libraries
@@ -65,10 +67,15 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
             check_adapter_folder(Path(cfg.input_model.adapter_path))
             check_given_adapter_buildable(cfg)
     check_locations(cfg)
+    evaluators = cfg.used_evaluators()
     used = {name for settings in cfg.passes.values() for name in settings.data_config_names().values()}
+    used |= {name for evaluator in evaluators.values() for name in evaluator.data_names()}
     for data in cfg.data_configs:
         if data.name in used and resolved[data.name]:
             attempt(cfg.data_where(data.name), lambda data=data: check_data(data, Path(ctx.downloads)))
+    for name, evaluator in evaluators.items():
+        with located(f"evaluators.{name}"):
+            check_evaluator(evaluator, cfg, Path(ctx.downloads))
     facts = ModelFacts(source)
     with located("input_model.model_path"):
         facts.check()
@@ -82,6 +89,30 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
         with located(f"passes.{name}"):
             settings.check_before_work(facts)
     check_extracted_adapters_match(cfg, facts)
+
+
+def check_evaluator(evaluator: Evaluator, cfg: RunConfig, downloads: Path) -> None:
+    """What an evaluator needs is here: lm-eval and its tasks' data; each metric's rows, with answers to
+    compare where it compares them; a custom metric's function."""
+    if isinstance(evaluator, LMEvaluatorSettings):
+        check_tasks(evaluator)
+        return
+    for index, metric in enumerate(evaluator.metrics):
+        where, data = f"metrics[{index}]", metric.data_config
+        if isinstance(data, DataConfig):
+            with located(f"{where}.data_config"):
+                check_data(data, downloads)
+        text = cfg.data_named(data).pre_process_data_config if data is not None else None
+        compares = metric.type == "custom" or any(s.name != "perplexity" for s in metric.sub_types)
+        if metric.type in ("accuracy", "custom") and compares and not (text.chat_template or text.text_template):
+            raise UserError(f"{where}.data_config", f"the {metric.type} metric compares the model's answer with each "
+                            "row's, and its rows have no answer to tell apart",
+                            "give the data config a text_template whose last {column} is the answer, or chat "
+                            "rows (chat_template: true)")  # fmt: skip
+        if metric.type == "custom":
+            with located(where):
+                config = metric.user_config
+                load_user_function(config.user_script, config.metric_func, config.script_dir)
 
 
 def check_extracted_adapters_match(cfg: RunConfig, facts: ModelFacts) -> None:

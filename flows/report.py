@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect.runtime import flow_run
 from pydantic import BaseModel, SerializeAsAny
@@ -14,9 +14,13 @@ from olive_grove.flows.config import RunConfig
 from olive_grove.flows.loss_plot import loss_svg
 from olive_grove.tasks.adapters import AdapterInfo, LossPoint
 from olive_grove.tasks.artifact import Artifact, StepInfo
+from olive_grove.tasks.evaluators import EvaluationInfo
 from olive_grove.tasks.files import SOURCE_STAMP, publish_copy
 from olive_grove.tasks.quality import QualityInfo, agreement
 from olive_grove.tasks.storage import Remote, is_url, join
+
+if TYPE_CHECKING:
+    from olive_grove.flows.finetune import StepRunner
 
 LOSS_PICTURE = "loss.svg"
 LOSS_TABLE_ROWS = 20  # the report's loss table: at most about this many steps, always the last
@@ -61,9 +65,9 @@ def _upload_output(remote: Remote, source: Path, name: str, stamp: str) -> None:
     remote.write_bytes(marker, stamp.encode())
 
 
-def write_report(
-    cfg: RunConfig, record: list[StepRecord], published: dict[str, str], output_dir: str, seconds: float
-) -> dict[str, Any]:
+def write_report(cfg: RunConfig, steps: StepRunner, published: dict[str, str], output_dir: str,
+                 seconds: float) -> dict[str, Any]:  # fmt: skip
+    record = steps.record
     report = {
         "flow_run": {"name": flow_run.name, "id": flow_run.id},
         "input_model": cfg.input_model.model_path,
@@ -72,6 +76,8 @@ def write_report(
         "outputs": published,
         "cached_steps": [r.step for r in record if r.cached],
         "quality": quality(record),
+        "evaluation": evaluation(record),
+        "not_measured": steps.not_measured,
         "total_seconds": round(seconds, 2),
     }
     adapter = trained_adapter(record)
@@ -115,6 +121,19 @@ def quality(record: list[StepRecord]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def evaluation(record: list[StepRecord]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each evaluator's results as one table: metric (Olive's `<metric>-<sub type>`) by model."""
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    for step in record:
+        info = step.artifact.info
+        if isinstance(info, EvaluationInfo):
+            model = step.step.removeprefix(f"evaluate/{info.evaluator}/")
+            table = tables.setdefault(info.evaluator, {})
+            for key, value in info.metrics.items():
+                table.setdefault(key, {})[model] = value
+    return tables
+
+
 def trained_adapter(record: list[StepRecord]) -> AdapterInfo | None:
     """The first adapter step of the run with a loss curve: the one the report draws."""
     return next((s.artifact.info for s in record if isinstance(s.artifact.info, AdapterInfo)
@@ -152,10 +171,24 @@ def render_markdown(report: dict[str, Any], record: list[StepRecord], picture: s
             lines.append(f"| {name} | {row['heldout_loss']:.4f} | {row['perplexity']:.2f} | {shown} |")
         lines += ["", f"On the trained adapter's held-out samples ({next(iter(report['quality'].values()))['tokens']}"
                   " labelled tokens); `base` is the model before fine-tuning."]  # fmt: skip
+    for name, table in report["evaluation"].items():
+        models = list(dict.fromkeys(m for row in table.values() for m in row))
+        lines += ["", f"## Evaluation: {name}", "", "| metric | " + " | ".join(models) + " |",
+                  "|---" * (len(models) + 1) + "|"]  # fmt: skip
+        lines += [f"| {key} | " + " | ".join(_number(row.get(m)) for m in models) + " |" for key, row in table.items()]
+    if report["not_measured"]:
+        lines += ["", "Not measured on this machine: "
+                  + "; ".join(f"`{m}` ({why})" for m, why in report["not_measured"].items())]  # fmt: skip
     lines += ["", "## Outputs", ""]
     lines += [f"- `{name}`: `{path}`" for name, path in report["outputs"].items()]  # code: `_` in a path stays
     lines += ["", f"Total: {report['total_seconds']} s", ""]
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def _table_points(curve: list[LossPoint]) -> list[LossPoint]:

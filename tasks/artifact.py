@@ -33,9 +33,6 @@ class StepInfo(BaseModel):
 InfoT = TypeVar("InfoT", bound=StepInfo)
 
 
-NO_EVALUATORS = "olive-grove reports the held-out loss of each model; Olive's evaluators are not run"
-
-
 def no_effect(why: str = "") -> Any:
     """A key Olive has that changes nothing here: accepted whatever its value, and named once in the log."""
     return Field(None, json_schema_extra={"no_effect": why})
@@ -51,7 +48,9 @@ class Settings(BaseModel):
 class PassSettings(Settings):
     """A pass's settings, as the config writes them under `passes.<name>`."""
 
-    evaluator: Any = no_effect(NO_EVALUATORS)
+    evaluator: str | dict[str, Any] | None = Field(
+        None, description="evaluates this pass's model: an evaluators name, or one in place; default: the engine's"
+    )
     host: Any = no_effect("the flow runs all passes on the work pool of engine.host")
     clean_run_cache: Any = no_effect("steps are cached by content: a changed input or setting computes again")
     output_name: Any = no_effect("outputs are named by the pass (see engine.output_dir's layout)")
@@ -63,7 +62,7 @@ class PassSettings(Settings):
         """The settings that decide the step's output, for its cache key."""
         unused = {n for n, f in type(self).model_fields.items() if isinstance(f.json_schema_extra, dict)
                   and "no_effect" in f.json_schema_extra}  # fmt: skip
-        return self.model_dump(mode="json", exclude=unused | self.not_in_cache_key)
+        return self.model_dump(mode="json", exclude=unused | self.not_in_cache_key | {"evaluator"})
 
     def data_config_names(self) -> dict[str, str]:
         """The data configs the pass reads, by the key that names them; none by default."""

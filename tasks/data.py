@@ -233,14 +233,10 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 def chat_segments(messages: Any, tokenizer, settings: TextSettings) -> list[Segment]:
     """A chat row rendered with the chat template, in pieces: with train_on_inputs false only the assistant's
     turns count for the loss (each turn is cut where the template's text for it begins)."""
-    template = settings.chat_template if isinstance(settings.chat_template, str) else None
     turns = [_message(m, settings.message_col) for m in _messages(messages, settings.message_col)]
 
     def render(upto: list[dict[str, str]], generation: bool = False) -> str:
-        if not upto:
-            return ""
-        return tokenizer.apply_chat_template(upto, tokenize=False, add_generation_prompt=generation,
-                                             chat_template=template)  # fmt: skip
+        return _render_chat(upto, tokenizer, settings, generation)
 
     if settings.train_on_inputs:
         return [(render(turns), True)]
@@ -255,6 +251,15 @@ def chat_segments(messages: Any, tokenizer, settings: TextSettings) -> list[Segm
             segments.append((text[len(done) :], learn))
             done = text
     return [(text, learn) for text, learn in segments if text]
+
+
+def _render_chat(turns: list[dict[str, str]], tokenizer, settings: TextSettings, generation: bool) -> str:
+    """The turns as the chat template writes them (the config's own template, else the tokenizer's)."""
+    if not turns:
+        return ""
+    template = settings.chat_template if isinstance(settings.chat_template, str) else None
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation,
+                                         chat_template=template)  # fmt: skip
 
 
 def _messages(value: Any, column: str) -> list[Any]:
@@ -541,9 +546,9 @@ def prepare_dataset(
         raise UserError("data.pre_process_data_config.chat_template", "is true but the model's tokenizer has no "
                         "chat template", "give the template itself (a Jinja string) as chat_template")  # fmt: skip
     with located("data"):
-        pieces = [s for s in (_segments(r, text, tokenizer) for r in rows) if s]
-    samples = datasets.Dataset.from_dict(tokenize_rows(pieces, tokenizer, text))
+        samples = datasets.Dataset.from_dict(row_samples(rows, text, tokenizer))
     if len(samples) == 0:
+        pieces = [s for s in (_segments(r, text, tokenizer) for r in rows) if s]
         total = sum(len(ids) for ids, _ in encode_rows(pieces, tokenizer))
         raise UserError(
             "data.pre_process_data_config.max_seq_len",
@@ -573,6 +578,47 @@ def prepare_dataset(
         strategy=text.strategy,
         max_seq_len=text.max_seq_len,
     )
+
+
+def row_samples(rows, settings: TextSettings, tokenizer) -> dict[str, list[list[int]]]:
+    """The rows as training samples: templated, tokenized and cut or packed as the settings say."""
+    pieces = [s for s in (_segments(r, settings, tokenizer) for r in rows) if s]
+    return tokenize_rows(pieces, tokenizer, settings)
+
+
+def sample_rows(rows, settings: TextSettings, tokenizer, answers: bool) -> list[tuple[str, str]]:
+    """The first rows (max_samples of them) as a prompt and the answer the model should give; without
+    `answers`, a row with no answer to tell apart (no template, no chat) is a prompt as it is."""
+    picked = rows.select(range(min(settings.max_samples or len(rows), len(rows))))
+    if not answers and not settings.chat_template and settings.text_template is None:
+        return [(row_text(row, settings, None, None), "") for row in picked]
+    pairs = [prompt_and_answer(row, settings, tokenizer) for row in picked]
+    if not pairs:
+        raise UserError("load_dataset_config", "gives no rows to evaluate on", "check its split and files")
+    return pairs
+
+
+def prompt_and_answer(row: dict[str, Any], settings: TextSettings, tokenizer) -> tuple[str, str]:
+    """A row as the prompt the model is given and the answer it should give: a chat row's last turn (the
+    assistant's), or a text_template's text from its last placeholder on."""
+    if settings.chat_template:
+        turns = [_message(m, settings.message_col) for m in _messages(row[settings.message_col], settings.message_col)]
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            raise UserError("pre_process_data_config.message_col", "a row to evaluate on ends with the "
+                            f"assistant's answer, and one ends with a {turns[-1]['role']} message",
+                            "end each row with the assistant turn the model should give")  # fmt: skip
+        return _render_chat(turns[:-1], tokenizer, settings, generation=True), turns[-1]["content"].strip()
+    if settings.text_template is None:
+        raise UserError(
+            "pre_process_data_config.text_template",
+            "is needed to tell a row's prompt from its answer",
+            "write a text_template whose last {column} is the answer, or use chat rows",
+        )
+    split = _last_placeholder(settings.text_template)
+    prompt = render_template(settings.text_template[:split], row)
+    if settings.add_special_tokens:
+        prompt = f"{tokenizer.bos_token or ''} {prompt}"
+    return prompt, render_template(settings.text_template[split:], row).strip()
 
 
 def _segments(row: dict[str, Any], settings: TextSettings, tokenizer) -> list[Segment]:

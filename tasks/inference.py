@@ -7,6 +7,7 @@ from pathlib import Path
 
 from olive_grove.tasks.errors import UserError, first_line, nearest
 from olive_grove.tasks.models import load_causal_lm, load_tokenizer
+from olive_grove.tasks.runners import generate_genai
 
 
 def model_kind(path: Path) -> str:
@@ -131,17 +132,7 @@ def _generate(model, path: Path, prompts: list[str], max_new_tokens: int, adapte
         adapters.load(str(path / "adapters" / f"{adapter}.onnx_adapter"), adapter)
     outputs = []
     for prompt in prompts:
-        tokens = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(tokens) + max_new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        if adapters is not None:
-            generator.set_active_adapter(adapters, adapter)
-        generator.append_tokens(tokens)
-        new: list[int] = []
-        while not generator.is_done() and len(new) < max_new_tokens:
-            generator.generate_next_token()
-            new.append(int(generator.get_next_tokens()[0]))
+        new = generate_genai(model, list(tokenizer.encode(prompt)), max_new_tokens, adapters, adapter)
         outputs.append(tokenizer.decode(new))
     return outputs
 

@@ -24,6 +24,7 @@ from olive_grove.tasks.adapter_settings import (
 from olive_grove.tasks.adapters import train_adapter
 from olive_grove.tasks.artifact import PassSettings, StepInfo
 from olive_grove.tasks.data import prepare_dataset
+from olive_grove.tasks.evaluators import evaluate_model
 from olive_grove.tasks.merge import MergeSettings, merge_adapter
 from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model
 from olive_grove.tasks.quality import measure_model
@@ -71,6 +72,7 @@ MERGE_ADAPTER = Step(merge_adapter, version="5")
 BUILD_ONNX_MODEL = Step(build_onnx_model, version="3")
 EXTRACT_ADAPTERS = Step(extract_adapters, version="1")
 MEASURE_MODEL = Step(measure_model, version="1")  # no pass: the flow measures the run's models with it
+EVALUATE_MODEL = Step(evaluate_model, version="1")  # no pass: the run's evaluators, one model at a time
 
 # An adapter pass after another trains a sibling adapter on the same model (multi-LoRA).
 _TRAINING = {"step": TRAIN_ADAPTER, "takes": ("model",), "after": frozenset({"model", "adapter"}), "gives": "adapter"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import Field
@@ -20,11 +20,9 @@ from pydantic import Field
 from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo
 from olive_grove.tasks.collate import IGNORE_INDEX
-from olive_grove.tasks.models import ModelInfo, load_causal_lm
-from olive_grove.tasks.onnx_build import OnnxInfo
+from olive_grove.tasks.runners import Runner, open_runner
 
 PREDICTIONS = "predictions.json"
-ONNX_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class QualitySettings(Settings):
@@ -38,31 +36,32 @@ class QualityInfo(StepInfo):
     predictions: str = Field(PREDICTIONS, description="the greedy next token at each of them, in order")
 
 
-def measurable(artifact: Artifact) -> bool:
-    """A model this machine can measure: a Hugging Face model, or an ONNX model without LoRA inputs for an
-    execution provider that onnxruntime has here."""
-    if isinstance(artifact.info, OnnxInfo):
-        import onnxruntime
-
-        provider = ONNX_PROVIDERS.get(artifact.info.execution_provider)
-        return artifact.info.adapter_fingerprint is None and provider in onnxruntime.get_available_providers()
-    return isinstance(artifact.info, ModelInfo)
-
-
 def measure_model(
     settings: QualitySettings, files: StepFiles, report: Reporter, *, model: Artifact, samples: Artifact[AdapterInfo]
 ) -> QualityInfo:
     """Mean next-token loss on the labelled tokens of the adapter's held-out samples, and the greedy
     predictions there (the report compares them between models)."""
     import datasets
-    import numpy as np
 
     held_out = datasets.load_from_disk(str(Path(samples.path) / samples.info.eval_samples))
     held_out = held_out.select(range(min(settings.max_samples, len(held_out))))
-    logits_of = _onnx_logits(model) if isinstance(model.info, OnnxInfo) else _hf_logits(model)
+    loss, predictions = scored_tokens(held_out, open_runner(model))
+    (files.out / PREDICTIONS).write_text(json.dumps(predictions))
+    report.log(f"held-out loss {loss:.4f} on {len(predictions)} tokens of {len(held_out)} samples")
+    return QualityInfo(heldout_loss=loss, perplexity=perplexity(loss), tokens=len(predictions))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700))
+
+
+def scored_tokens(samples, runner: Runner) -> tuple[float, list[int]]:
+    """The mean next-token loss over the samples' labelled tokens, and the greedy prediction at each."""
+    import numpy as np
+
     total, predictions = 0.0, []
-    for ids, labels in _sequences(held_out):
-        logits = logits_of(ids)[:-1].astype(np.float64)
+    for ids, labels in _sequences(samples):
+        logits = runner.logits(ids)[:-1].astype(np.float64)
         targets = np.array(labels[1:])
         scored = targets != IGNORE_INDEX
         if not scored.any():
@@ -72,10 +71,7 @@ def measure_model(
         log_probs = picked - np.log(np.exp(picked).sum(axis=1, keepdims=True))
         total -= float(log_probs[np.arange(len(picked)), targets[scored]].sum())
         predictions += [int(t) for t in picked.argmax(axis=1)]
-    (files.out / PREDICTIONS).write_text(json.dumps(predictions))
-    loss = total / max(len(predictions), 1)
-    report.log(f"held-out loss {loss:.4f} on {len(predictions)} tokens of {len(held_out)} samples")
-    return QualityInfo(heldout_loss=loss, perplexity=math.exp(min(loss, 700)), tokens=len(predictions))
+    return total / max(len(predictions), 1), predictions
 
 
 def _sequences(held_out) -> Iterator[tuple[list[int], list[int]]]:
@@ -88,40 +84,6 @@ def _sequences(held_out) -> Iterator[tuple[list[int], list[int]]]:
         starts = [i for i, p in enumerate(sample.get("position_ids") or [0]) if p == 0] + [len(ids)]
         for begin, end in itertools.pairwise(starts):
             yield ids[begin:end], labels[begin:end]
-
-
-def _hf_logits(model: Artifact) -> Callable[[list[int]], object]:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    network = load_causal_lm(model.path, dtype, model.info.trust_remote_code).to(device).eval()
-
-    def logits(ids: list[int]):
-        with torch.no_grad():
-            return network(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
-
-    return logits
-
-
-def _onnx_logits(model: Artifact[OnnxInfo]) -> Callable[[list[int]], object]:
-    """The ONNX model's logits for a whole sequence at once: its decoder run with an empty KV cache."""
-    import numpy as np
-    import onnxruntime
-
-    config = json.loads((Path(model.path) / "genai_config.json").read_text())["model"]["decoder"]
-    session = onnxruntime.InferenceSession(str(Path(model.path) / config["filename"]),
-                                           providers=[ONNX_PROVIDERS[model.info.execution_provider]])  # fmt: skip
-    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    past = {i.name: types.get(i.type, np.float32) for i in session.get_inputs() if i.name.startswith("past_key")}
-    heads, head_size = config["num_key_value_heads"], config["head_size"]
-
-    def logits(ids: list[int]):
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        feeds |= {name: np.zeros((1, heads, 0, head_size), dtype) for name, dtype in past.items()}
-        return session.run(["logits"], feeds)[0][0]
-
-    return logits
 
 
 def agreement(predictions: Path, reference: Path) -> float | None:

@@ -165,3 +165,36 @@ def test_a_config_with_passes_olive_grove_does_not_run_names_them(tmp_path: Path
     assert result.errors == ["error: passes: olive-grove does not run conversion (OnnxConversion), quant "
                              "(GptqQuantizer), surgery (graph_surgeries) (olive-grove runs LoRA, DoRA, QLoRA, LoftQ, "
                              "LoHa, LoKr, MergeAdapterWeights, ModelBuilder, ExtractAdapters)"]  # fmt: skip
+
+
+def test_olive_recipes_evaluator_block_runs_on_base_and_merged(tmp_path: Path, tiny_llama: Path):
+    """The `evaluators` block of olive-recipes' sample (.aitk/non_model_projects/templates/empty/sample.json),
+    named by `engine.evaluator`, on a fine-tuning config: its metrics for the base and the merged model."""
+    files = tiny_codes(tmp_path, rows=60)
+    evaluators = {"common_evaluator": {"metrics": [
+        {"name": "accuracy", "type": "accuracy", "data_config": "evaluation",
+         "sub_types": [{"name": "accuracy_score", "priority": 1}]},
+        {"name": "latency", "type": "latency", "data_config": "evaluation",
+         "sub_types": [{"name": "avg", "priority": 2}]},
+    ]}}  # fmt: skip
+    text = {"text_template": TEMPLATE, "max_seq_len": 64}
+    cfg = {
+        "input_model": {"type": "HfModel", "model_path": str(tiny_llama)},
+        "data_configs": [
+            {"name": "train", "load_dataset_config": tiny_codes_config(files, "train[:40]"),
+             "pre_process_data_config": text},
+            {"name": "evaluation", "load_dataset_config": tiny_codes_config(files, "train[40:]"),
+             "pre_process_data_config": {**text, "max_samples": 4}},
+        ],
+        "passes": {"lora": {"type": "LoRA", "train_data_config": "train", "eval_data_config": "evaluation",
+                            "training_args": {"per_device_train_batch_size": 2, "max_steps": 2}},
+                   "merge": {"type": "MergeAdapterWeights"}},
+        "evaluators": evaluators,
+        "engine": {"evaluator": "common_evaluator", "evaluate_input_model": True, "cache_dir": "cache",
+                   "output_dir": "models"},
+    }  # fmt: skip
+    report = json.loads(run_ok_at(write_project(tmp_path, cfg), "models").read_text())
+    table = report["evaluation"]["common_evaluator"]
+    assert list(table) == ["accuracy-accuracy_score", "latency-avg"]
+    assert all(list(row) == ["base", "merged"] for row in table.values())
+    assert table["latency-avg"]["merged"] > 0

@@ -1,0 +1,242 @@
+"""Olive's evaluators as a user runs them with `grove run`: the tone example's metrics on the base, merged and
+int4 models side by side, a custom metric_func, lm-eval tasks, and the mistakes each can hold."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from grove_helpers import TONE_DATASET, grove, read_report, tiny_run_config, write_project
+
+from olive_grove.tasks.evaluators import _compared
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tone"
+MODELS = ["base", "merged", "onnx/int4-cpu"]
+
+
+def _tone_example(folder: Path, model: Path, **changes) -> Path:
+    """examples/tone/tiny-cpu.json as shipped (its evaluator included), 4 training steps."""
+    shutil.copytree(EXAMPLE / "dataset", folder / "dataset", dirs_exist_ok=True)
+    cfg = json.loads((EXAMPLE / "tiny-cpu.json").read_text())
+    cfg["input_model"]["model_path"] = str(model)
+    cfg["passes"]["lora"]["training_args"].update(max_steps=4, eval_steps=4, save_steps=4)
+    cfg.update(changes)
+    path = folder / "tiny-cpu.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _predictions(config: Path, report: dict, label: str) -> list[dict]:
+    folder = next(s["path"] for s in report["steps"] if s["step"] == label)
+    return [json.loads(line) for line in (Path(folder) / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_the_tone_example_reports_base_merged_and_int4_side_by_side(tmp_path, tiny_phi3):
+    config = _tone_example(tmp_path, tiny_phi3)
+    result = grove("run", "--config", config)
+    assert result.rc == 0, result.err[-3000:]
+    report = read_report(config)
+    table = report["evaluation"]["tone_quality"]
+    # Olive's names, in the config's order, each with a column per model.
+    assert list(table) == ["tone-accuracy_score", "tone-f1_score", "tone-perplexity", "latency-avg", "latency-p90",
+                           "size-bytes"]  # fmt: skip
+    assert all(list(row) == MODELS for row in table.values())
+    for model in MODELS:
+        assert 0 <= table["tone-accuracy_score"][model] <= 1
+        assert 0 < table["latency-avg"][model] <= table["latency-p90"][model] * 1.0001
+    # Perplexity on the held-out rows: training lowered it, and int4 kept it close.
+    assert table["tone-perplexity"]["merged"] < table["tone-perplexity"]["base"]
+    assert table["tone-perplexity"]["onnx/int4-cpu"] == pytest.approx(table["tone-perplexity"]["merged"], rel=0.1)
+    outputs = Path(report["outputs"]["merged"]).parent
+    on_disk = sum(p.stat().st_size for p in (outputs / "onnx" / "int4-cpu").rglob("*")
+                  if p.is_file() and not p.name.startswith(".olive-grove"))  # its files, not our stamp  # fmt: skip
+    assert table["size-bytes"]["onnx/int4-cpu"] == on_disk
+    # Every answer is kept: the 32 held-out rows, each with its prompt, the expected tone and the model's.
+    answers = _predictions(config, report, "evaluate/tone_quality/merged")
+    held_out = [json.loads(line) for line in TONE_DATASET.read_text().splitlines()][288:]
+    assert [a["expected"] for a in answers] == [row["tone"] for row in held_out]
+    assert answers[0]["prompt"].endswith(f"### Text: {held_out[0]['phrase']}\n### The tone is:\n")
+    right = sum(a["answer"].strip().lower() == a["expected"].lower() for a in answers) / len(answers)
+    assert table["tone-accuracy_score"]["merged"] == pytest.approx(right)
+    markdown = (outputs / "report.md").read_text()
+    assert "## Evaluation: tone_quality" in markdown
+    assert "| metric | base | merged | onnx/int4-cpu |" in markdown
+
+    # An evaluator added to the finished config evaluates; nothing is trained or built again.
+    cfg = json.loads(config.read_text())
+    cfg["evaluators"]["size_only"] = {"metrics": [{"name": "size", "type": "size_on_disk"}]}
+    cfg["passes"]["builder"]["evaluator"] = "size_only"
+    config.write_text(json.dumps(cfg))
+    assert grove("run", "--config", config).rc == 0
+    again = read_report(config)
+    computed = [s["step"] for s in again["steps"] if s["step"] not in again["cached_steps"]]
+    assert computed == ["input_model", "evaluate/size_only/onnx/int4-cpu"]
+    assert again["evaluation"]["size_only"] == {"size-bytes": {"onnx/int4-cpu": on_disk}}
+    assert list(again["evaluation"]["tone_quality"]["size-bytes"]) == ["base", "merged"]
+
+
+def test_answers_compare_as_olive_exact_match_and_f1_averages_the_answers():
+    replies = ["joy", "Sad ", "Fear", "fear", "calm"]
+    expected = ["Joy", "sad", "Fear|Terror", "Sad", "Joy"]
+    scores = _compared(replies, expected)
+    assert scores["accuracy_score"] == scores["exact_match"] == pytest.approx(3 / 5)
+    # The answers are the classes: joy (1 of its 2 rows found; 1 of 1 reply right), sad (1 of 2; 1 of 1),
+    # fear|terror (1 of 1; 1 of 2 replies right). "calm" is no answer: a miss for its row, no class's reply.
+    assert scores["recall"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert scores["precision"] == pytest.approx((1 + 1 + 1 / 2) / 3)
+    f1 = [2 * p * r / (p + r) for p, r in ((1, 1 / 2), (1, 1 / 2), (1 / 2, 1))]
+    assert scores["f1_score"] == pytest.approx(sum(f1) / 3)
+
+
+def _flat_project(tmp_path: Path, model: Path, evaluators: dict, **engine) -> Path:
+    passes = tiny_run_config(model)["passes"]
+    passes["lora"]["training_args"]["max_steps"] = 1
+    cfg = tiny_run_config(model, {"lora": passes["lora"], "merge": passes["merge"]},
+                          evaluators=evaluators, evaluator="main", **engine)  # fmt: skip
+    return write_project(tmp_path, cfg)
+
+
+def _accuracy(**metric) -> dict:
+    return {"main": {"metrics": [{"name": "tone", "type": "accuracy", "data_config": "tone_train", **metric}]}}
+
+
+def test_a_custom_metric_func_gets_the_answers_and_the_expected_ones(tmp_path, tiny_phi3):
+    (tmp_path / "metrics.py").write_text(
+        "def tone_stats(model_output, targets, unit=1):\n"
+        "    answered = sum(bool(p.strip()) for p in model_output.preds)\n"
+        "    return {'answered': answered * unit / len(targets), 'rows': len(targets)}\n"
+    )
+    custom = {"name": "stats", "type": "custom", "data_config": "tone_train",
+              "sub_types": [{"name": "answered"}, {"name": "rows"}],
+              "user_config": {"user_script": "metrics.py", "metric_func": "tone_stats",
+                              "metric_func_kwargs": {"unit": 100}}}  # fmt: skip
+    config = _flat_project(tmp_path, tiny_phi3, {"main": {"metrics": [custom]}})
+    tone = json.loads(config.read_text())
+    tone["data_configs"][0]["pre_process_data_config"]["max_samples"] = 5
+    config.write_text(json.dumps(tone))
+    result = grove("run", "--config", config)
+    assert result.rc == 0, result.err[-3000:]
+    table = read_report(config)["evaluation"]["main"]
+    assert table["stats-rows"] == {"base": 5, "merged": 5}
+    assert 0 <= table["stats-answered"]["merged"] <= 100
+
+    # The function's own failure is the user's, said in one line.
+    (tmp_path / "metrics.py").write_text("def tone_stats(model_output, targets, unit=1):\n    return 1 / 0\n")
+    result = grove("run", "--config", config)
+    assert result.rc == 2
+    assert result.errors == [
+        "error: evaluators.main.metrics[0].user_config.metric_func: tone_stats raised "
+        "ZeroDivisionError: division by zero (fix it in " + str(tmp_path / "metrics.py") + ")"
+    ]
+    assert "Traceback" not in result.err
+
+
+MISTAKES = [
+    (
+        {"evaluator": "mian"},
+        "error: evaluator: no evaluators entry named 'mian' (did you mean 'main'?)",  # where the flat form has it
+    ),
+    (
+        {"evaluators": _accuracy(data_config="tone_tran")},
+        "error: evaluators.main.metrics[0].data_config: no data config named 'tone_tran' (did you mean 'tone_train'?)",
+    ),
+    (
+        {"evaluators": _accuracy(sub_types=[{"name": "auroc"}])},
+        "error: evaluators.main.metrics[0].sub_types[0].name: olive-grove does not measure 'auroc' for accuracy "
+        "(valid: accuracy_score, exact_match, f1_score, perplexity, precision, recall)",
+    ),
+    (
+        {"evaluators": _accuracy(user_config={"evaluate_func": "run"})},
+        "error: evaluators.main.metrics[0].user_config.evaluate_func: is handed an Olive model handler, which "
+        "olive-grove has not (write metric_func(model_output, targets): it gets the generated answers and the "
+        "expected ones)",
+    ),
+    (
+        {"evaluators": {"main": {"metrics": [{"name": "lat", "type": "latency", "data_config": "tone_train",
+                                              "sub_types": [{"name": "avg", "metric_config": {"warmup": 1}}]}]}}},
+        "error: evaluators.main.metrics[0].sub_types[0].metric_config.warmup: Extra inputs are not permitted",
+    ),
+    (
+        {"evaluators": {"main": {"type": "LMEvaluator", "tasks": []}}},
+        "error: evaluators.main.tasks: List should have at least 1 item after validation, not 0 (got [])",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "expected"), MISTAKES, ids=[m[1].split(":")[1].strip() for m in MISTAKES])
+def test_evaluator_mistakes_are_one_line_before_work(tmp_path, tiny_phi3, change, expected):
+    cfg = json.loads(_flat_project(tmp_path, tiny_phi3, _accuracy()).read_text())
+    cfg.update(copy.deepcopy(change))
+    config = write_project(tmp_path, cfg)
+    result = grove("validate", "--config", config)
+    assert result.rc == 2
+    assert result.errors == [expected], result.err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_rows_without_an_answer_to_compare_are_one_line_before_work(tmp_path, tiny_phi3):
+    cfg = json.loads(_flat_project(tmp_path, tiny_phi3, _accuracy()).read_text())
+    cfg["data_configs"][0]["pre_process_data_config"].pop("text_template")
+    result = grove("run", "--config", write_project(tmp_path, cfg))
+    assert result.rc == 2
+    assert result.errors[0].startswith(
+        "error: evaluators.main.metrics[0].data_config: the accuracy metric compares the model's answer with each "
+        "row's, and its rows have no answer to tell apart"
+    ), result.errors
+    assert not (tmp_path / "outputs").exists()
+
+
+def _lm_task(tmp_path: Path) -> Path:
+    """A local lm-eval task: the tone rows as a four-way choice, read from a JSON Lines file."""
+    rows = tmp_path / "tone-choice.jsonl"
+    rows.write_text("\n".join(TONE_DATASET.read_text().splitlines()[:24]))
+    folder = tmp_path / "lm-tasks"
+    folder.mkdir()
+    (folder / "tone.yaml").write_text(
+        "task: tone_choice\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {rows}\ntest_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "### Text: {{phrase}}\\n### The tone is:\\n"\n'
+        'doc_to_choice: ["Joy", "Sad", "Fear", "Surprise"]\n'
+        'doc_to_target: "{{tone}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def test_lm_evaluator_scores_lm_eval_tasks_on_every_model(tmp_path, tiny_phi3):
+    pytest.importorskip("lm_eval")
+    tasks = _lm_task(tmp_path)
+    lm = {"main": {"type": "LMEvaluator", "tasks": ["tone_choice"], "include_path": str(tasks), "limit": 12}}
+    config = _flat_project(tmp_path, tiny_phi3, lm)
+    cfg = json.loads(config.read_text())
+    cfg["passes"]["builder"] = {"type": "ModelBuilder", "precision": "int4"}
+    config.write_text(json.dumps(cfg))
+    result = grove("run", "--config", config)
+    assert result.rc == 0, result.err[-3000:]
+    row = read_report(config)["evaluation"]["main"]["tone_choice-acc"]
+    assert list(row) == MODELS
+    assert all(score * 12 == round(score * 12) and 0 <= score <= 1 for score in row.values())
+
+    lm["main"]["tasks"] = ["tone_choise"]
+    config = _flat_project(tmp_path / "typo", tiny_phi3, lm)
+    result = grove("validate", "--config", config)
+    assert result.rc == 2
+    assert result.errors == ["error: evaluators.main.tasks[0]: lm-eval has no task 'tone_choise' (did you mean "
+                             "'tone_choice'?)"]  # fmt: skip
+
+
+def test_lm_evaluator_without_lm_eval_installed_is_one_line(tmp_path, tiny_phi3, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what Python does for a package that is not there
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    config = _flat_project(tmp_path, tiny_phi3, {"main": {"type": "LMEvaluator", "tasks": ["arc_easy"]}})
+    result = grove("run", "--config", config)
+    assert result.rc == 2
+    assert result.errors == ["error: evaluators.main.type: LMEvaluator runs lm-eval-harness tasks, and the lm-eval "
+                             "package is not installed here (pip install lm-eval)"]  # fmt: skip
+    assert not (tmp_path / "outputs").exists()
