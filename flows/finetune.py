@@ -142,7 +142,7 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], S
     runnable = {label: made for label, made in models.items() if not steps.cannot_run(label, made[1])}
     if held_out is not None:
         measure_quality(steps, {label: artifact for label, (_, artifact) in runnable.items()}, held_out)
-    evaluate(steps, runnable)
+    outputs |= evaluate(steps, runnable)
     return outputs, steps
 
 
@@ -154,17 +154,21 @@ def measure_quality(steps: StepRunner, models: dict[str, Artifact], held_out: Ar
                   samples=held_out)  # fmt: skip
 
 
-def evaluate(steps: StepRunner, models: dict[str, tuple[str | None, Artifact]]) -> None:
+def evaluate(steps: StepRunner, models: dict[str, tuple[str | None, Artifact]]) -> dict[str, Artifact]:
     """Each model's evaluator (its pass's own, else the engine's; the base model's is the engine's, unless
-    engine.evaluate_input_model is false): one cached step per evaluator and model."""
-    cfg = steps.cfg
+    engine.evaluate_input_model is false): one cached step per evaluator and model. Returns the answers
+    each gave, by their folder in engine.output_dir (`evaluation/<evaluator>/<model>/`)."""
+    cfg, answers = steps.cfg, {}
     for label, (pass_name, artifact) in models.items():
         chosen = cfg.evaluator_of(pass_name)
         if chosen is None or (pass_name is None and not cfg.engine.evaluate_input_model):
             continue
         name, evaluator = chosen
-        steps.run(EVALUATE_MODEL, evaluation_settings(cfg, name, evaluator), f"evaluate/{name}/{label}",
-                  {"": f"evaluators.{name}"}, model=artifact)  # fmt: skip
+        done = steps.run(EVALUATE_MODEL, evaluation_settings(cfg, name, evaluator), f"evaluate/{name}/{label}",
+                         {"": f"evaluators.{name}"}, model=artifact)  # fmt: skip
+        if done.info.predictions:
+            answers[f"evaluation/{name}/{label}"] = done
+    return answers
 
 
 def input_adapter(cfg: RunConfig) -> Artifact[AdapterInfo] | None:

@@ -147,7 +147,7 @@ def check_given_adapter_buildable(cfg: RunConfig) -> None:
 
 
 # What a run publishes into engine.output_dir: these are replaced, whatever was there.
-PUBLISHED = ("adapter", "adapters", "merged", "onnx", "report.json", "report.md", "loss.svg")
+PUBLISHED = ("adapter", "adapters", "merged", "onnx", "evaluation", "report.json", "report.md", "loss.svg")
 
 
 def check_locations(cfg: RunConfig) -> None:

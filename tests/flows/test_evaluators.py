@@ -29,11 +29,6 @@ def _tone_example(folder: Path, model: Path, **changes) -> Path:
     return path
 
 
-def _predictions(config: Path, report: dict, label: str) -> list[dict]:
-    folder = next(s["path"] for s in report["steps"] if s["step"] == label)
-    return [json.loads(line) for line in (Path(folder) / "predictions.jsonl").read_text().splitlines()]
-
-
 def test_the_tone_example_reports_base_merged_and_int4_side_by_side(tmp_path, tiny_phi3):
     config = _tone_example(tmp_path, tiny_phi3)
     result = grove("run", "--config", config)
@@ -54,8 +49,11 @@ def test_the_tone_example_reports_base_merged_and_int4_side_by_side(tmp_path, ti
     on_disk = sum(p.stat().st_size for p in (outputs / "onnx" / "int4-cpu").rglob("*")
                   if p.is_file() and not p.name.startswith(".olive-grove"))  # its files, not our stamp  # fmt: skip
     assert table["size-bytes"]["onnx/int4-cpu"] == on_disk
-    # Every answer is kept: the 32 held-out rows, each with its prompt, the expected tone and the model's.
-    answers = _predictions(config, report, "evaluate/tone_quality/merged")
+    # Every answer is kept, beside the outputs: the 32 held-out rows, each with its prompt, the expected tone
+    # and the model's.
+    published = outputs / "evaluation" / "tone_quality" / "merged" / "predictions.jsonl"
+    assert report["outputs"]["evaluation/tone_quality/merged"] == str(published.parent)
+    answers = [json.loads(line) for line in published.read_text().splitlines()]
     held_out = [json.loads(line) for line in TONE_DATASET.read_text().splitlines()][288:]
     assert [a["expected"] for a in answers] == [row["tone"] for row in held_out]
     assert answers[0]["prompt"].endswith(f"### Text: {held_out[0]['phrase']}\n### The tone is:\n")
