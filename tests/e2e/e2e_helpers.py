@@ -165,7 +165,8 @@ def write_config(folder: Path, model: Path, *, builder: dict[str, Any] | None = 
     """examples/tone/tiny-cpu.json with absolute paths, 3 training steps, cache and outputs inside `folder`."""
     config = json.loads(TINY_EXAMPLE.read_text())
     config["input_model"]["model_path"] = str(model)
-    config["data_configs"][0]["load_dataset_config"]["data_files"] = str(TONE_DATASET)
+    for data in config["data_configs"]:  # the training rows and the held-out ones
+        data["load_dataset_config"]["data_files"] = str(TONE_DATASET)
     config["passes"]["lora"]["training_args"].update(max_steps=3, logging_steps=1, eval_steps=3, save_steps=3)
     if builder is not None:
         config["passes"]["builder"] = builder

@@ -77,8 +77,9 @@ def test_deployment_run_on_a_process_worker(prefect_server: PrefectServer, worke
     # The server saw every step as a task run of this flow run, named after the pass it ran for (a local
     # base model is fingerprinted by the flow itself, from its hash memo).
     names = {t["name"] for t in prefect_server.task_runs(flow_run_id)}
-    assert names == {"lora/dataset", "lora", "merge", "builder", "quality/base", "quality/merged",
-                     "quality/onnx/int4-cpu"}  # fmt: skip
+    models = ("base", "merged", "onnx/int4-cpu")
+    assert names == {"lora/dataset", "lora/eval-dataset", "lora", "merge", "builder",
+                     *(f"quality/{m}" for m in models), *(f"evaluate/tone_quality/{m}" for m in models)}  # fmt: skip
     # And the CLI lists the run as completed.
     listed = prefect_server.cli("flow-run", "ls", "--flow-name", "finetune", "--state", "COMPLETED").stdout
     assert run["name"] in listed

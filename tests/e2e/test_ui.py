@@ -79,8 +79,10 @@ def grove_server(tmp_path, tiny_model):
     shutil.copy(TONE_DATASET, project / "tone.json")
     config = json.loads(TINY_EXAMPLE.read_text())
     config["input_model"]["model_path"] = str(tiny_model)
-    config["data_configs"][0]["load_dataset_config"]["data_files"] = "tone.json"
+    for data in config["data_configs"]:  # the training rows and the held-out ones
+        data["load_dataset_config"]["data_files"] = "tone.json"
     config["passes"] = {"lora": config["passes"]["lora"]}
+    del config["evaluator"]  # the UI is the point here: the tone example's evaluation runs elsewhere
     config["passes"]["lora"]["training_args"].update(max_steps=STEPS, logging_steps=1, eval_steps=25, save_steps=STEPS)
     (project / "olive-config.json").write_text(json.dumps(config, indent=2))
     home = tmp_path / "prefect-home"
