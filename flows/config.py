@@ -182,6 +182,16 @@ class RunConfig(Settings):
                                 "letters, digits, '_', '-' and '.', starting with a letter or digit")  # fmt: skip
         return passes
 
+    @field_validator("evaluators", mode="before")
+    @classmethod
+    def _evaluator_names_are_folder_names(cls, evaluators: Any) -> Any:
+        """An evaluator's name names a folder of outputs (evaluation/<name>/): a plain file name."""
+        for name in evaluators if isinstance(evaluators, dict) else []:
+            if not PASS_NAME.fullmatch(str(name)) or set(str(name)) == {"."}:
+                raise UserError(repr(str(name)), "is not a usable evaluator name",
+                                "letters, digits, '_', '-' and '.', starting with a letter or digit")  # fmt: skip
+        return evaluators
+
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
         names = [d.name for d in self.data_configs]

@@ -201,7 +201,8 @@ def assert_outputs(output_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
     assert (output_dir / "onnx" / "int4-cpu" / "model.onnx").is_file()
     assert (output_dir / "onnx" / "int4-cpu" / "genai_config.json").is_file()
     report = json.loads((output_dir / "report.json").read_text())
-    assert set(report["outputs"]) == {"adapter", "merged", "onnx/int4-cpu"}
+    answers = {f"evaluation/tone_quality/{m}" for m in ("base", "merged", "onnx/int4-cpu")}
+    assert set(report["outputs"]) == {"adapter", "merged", "onnx/int4-cpu", *answers}
     assert report["flow_run"]["id"] == run["id"]
     return report
 

@@ -138,6 +138,11 @@ MISTAKES = [
         "error: evaluator: no evaluators entry named 'mian' (did you mean 'main'?)",  # where the flat form has it
     ),
     (
+        {"evaluators": {"../../victim": _accuracy()["main"]}, "evaluator": "../../victim"},  # names output folders
+        "error: evaluators.'../../victim': is not a usable evaluator name (letters, digits, '_', '-' and '.', "
+        "starting with a letter or digit)",
+    ),
+    (
         {"evaluators": _accuracy(data_config="tone_tran")},
         "error: evaluators.main.metrics[0].data_config: no data config named 'tone_tran' (did you mean 'tone_train'?)",
     ),
