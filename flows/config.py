@@ -155,12 +155,14 @@ class EngineConfig(Settings):
 
 
 PASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAMED = {"passes": "pass", "evaluators": "evaluator"}  # the mappings whose keys name output folders
 
 
 class RunConfig(Settings):
     """One fine-tuning run: the base model, data, passes in order, and where things go."""
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    _written_at: dict[str, str] = PrivateAttr(default_factory=dict)  # an in-place evaluator's key, by its name
 
     input_model: InputModel
     data_configs: list[DataConfig] = Field(default_factory=list)
@@ -172,25 +174,16 @@ class RunConfig(Settings):
     workflow_id: Any = no_effect("each run is a Prefect flow run with its own id")
     auto_optimizer_config: Any = no_effect("every pass runs as configured")
 
-    @field_validator("passes", mode="before")
+    @field_validator("passes", "evaluators", mode="before")
     @classmethod
-    def _names_are_folder_names(cls, passes: Any) -> Any:
-        """A pass's name names its outputs (adapters/<name>, <name>.onnx_adapter): a plain file name."""
-        for name in passes if isinstance(passes, dict) else []:
+    def _names_are_folder_names(cls, entries: Any, info: pydantic.ValidationInfo) -> Any:
+        """A pass's or evaluator's name names its outputs (adapters/<pass>, evaluation/<evaluator>/): a plain
+        file name."""
+        for name in entries if isinstance(entries, dict) else []:
             if not PASS_NAME.fullmatch(str(name)) or set(str(name)) == {"."}:
-                raise UserError(repr(str(name)), "is not a usable pass name",
+                raise UserError(repr(str(name)), f"is not a usable {NAMED[info.field_name]} name",
                                 "letters, digits, '_', '-' and '.', starting with a letter or digit")  # fmt: skip
-        return passes
-
-    @field_validator("evaluators", mode="before")
-    @classmethod
-    def _evaluator_names_are_folder_names(cls, evaluators: Any) -> Any:
-        """An evaluator's name names a folder of outputs (evaluation/<name>/): a plain file name."""
-        for name in evaluators if isinstance(evaluators, dict) else []:
-            if not PASS_NAME.fullmatch(str(name)) or set(str(name)) == {"."}:
-                raise UserError(repr(str(name)), "is not a usable evaluator name",
-                                "letters, digits, '_', '-' and '.', starting with a letter or digit")  # fmt: skip
-        return evaluators
+        return entries
 
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
@@ -213,7 +206,7 @@ class RunConfig(Settings):
             for index, metric in enumerate(getattr(evaluator, "metrics", [])):
                 ref = metric.data_config
                 if isinstance(ref, str) and ref not in names:
-                    raise UserError(f"evaluators.{name}.metrics[{index}].data_config",
+                    raise UserError(f"{self.evaluator_key(name)}.metrics[{index}].data_config",
                                     f"no data config named '{ref}'", nearest(ref, names))  # fmt: skip
         return self
 
@@ -234,7 +227,12 @@ class RunConfig(Settings):
                 while name in self.evaluators:
                     name += "_"
                 self.evaluators[name] = _evaluator(ref, f"{where}.evaluator")
+                self._written_at[name] = f"{where}.evaluator"
                 holder.evaluator = name
+
+    def evaluator_key(self, name: str) -> str:
+        """Where the named evaluator is written: `evaluators.<name>`, or the key that holds it in place."""
+        return self._written_at.get(name, f"evaluators.{name}")
 
     def used_evaluators(self) -> dict[str, Evaluator]:
         """The evaluators the engine or a pass names, by name."""
@@ -294,12 +292,7 @@ def _evaluator(raw: dict[str, Any], where: str) -> Evaluator:
     try:
         return pydantic.TypeAdapter(Evaluator).validate_python(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = _dotted([p for p in first["loc"][1:] if not _is_tag(p)])  # [0]: the evaluator's type
-        cause = first.get("ctx", {}).get("error")
-        if isinstance(cause, UserError):
-            raise cause.under(f"{where}.{key}".rstrip(".")) from None
-        raise UserError(f"{where}.{key}".rstrip("."), first["msg"]) from None
+        raise _user_errors(exc, Normalised(config={}, origins={}))[0].under(where) from None
 
 
 def _previous(folders: dict[str, str]) -> str:
@@ -589,8 +582,11 @@ def _once_per_kind(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:
     errors, seen = [], set()
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if not _is_tag(p)]
+    found = [(err, [p for p in err["loc"] if not _is_tag(p)]) for err in exc.errors()]
+    for err, loc in found:
+        if err["type"].endswith("_type") and any(len(other) > len(loc) and other[: len(loc)] == loc
+                                                 for _, other in found):  # fmt: skip
+            continue  # a union member of another type (`str` for an object): the member that fits says more
         path = normalised.user_path(_dotted(loc))
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, UserError):

@@ -13,11 +13,10 @@ from olive_grove.tasks.files import hash_file
 
 
 def evaluation_settings(cfg: RunConfig, name: str, evaluator: Evaluator) -> EvaluationSettings:
-    data_configs = {d.name: d for d in cfg.data_configs}
     data, scripts, timed = {}, {}, False
     for index, metric in enumerate(getattr(evaluator, "metrics", [])):
-        config = data_configs[metric.data_config] if isinstance(metric.data_config, str) else metric.data_config
-        if config is not None:
+        if metric.data_config is not None:
+            config = cfg.data_named(metric.data_config)
             data[str(index)] = DatasetSettings(data=config, files_fingerprint=fingerprint_data(config))
         script = metric.user_config.user_script
         if script and Path(script).is_file():

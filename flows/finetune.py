@@ -47,17 +47,23 @@ class StepRunner:
         self.record: list[StepRecord] = []
         self.not_measured: dict[str, str] = {}  # models this machine cannot run, and why
 
-    def cannot_run(self, label: str, artifact: Artifact) -> bool:
-        """Whether a model of the run cannot be measured here; an unrunnable model (not an adapter) is
-        noted for the report."""
+    def cannot_run(self, label: str, pass_name: str | None, artifact: Artifact) -> bool:
+        """Whether a model of the run cannot be measured here; an unrunnable model is noted for the report,
+        and so is an adapter with an evaluator that no later pass merges (a LoRA-only run)."""
         why = why_not_runnable(artifact)
+        if why == NOT_A_MODEL and pass_name and self.cfg.evaluator_of(pass_name) and not self._model_after(pass_name):
+            why = f"an adapter, which is evaluated merged: add a merge pass after {pass_name} to evaluate it"
         if why and why != NOT_A_MODEL:
             self.not_measured[label] = why
             get_run_logger().info("%s: not measured here: %s", label, why)
         return why is not None
 
+    def _model_after(self, pass_name: str) -> bool:
+        later = list(self.cfg.passes)[list(self.cfg.passes).index(pass_name) + 1 :]
+        return any(PASS_TYPES[self.cfg.passes[name].type].gives != "adapter" for name in later)
+
     def run(self, step: Step, settings: Any, label: str, where: dict[str, str], **inputs: Artifact | None) -> Artifact:
-        """Run a cached step; `where` maps the first part of an error's key to its section of the config."""
+        """Run a cached step; `where` maps the start of an error's key to its section of the config."""
         task = configured(step, self.ctx).with_options(task_run_name=lambda: label)
         return self._call(task, label, where, settings=settings, inputs=inputs, ctx=self.ctx)
 
@@ -100,9 +106,10 @@ class StepRunner:
 
 
 def _relocated(error: UserError, where: dict[str, str]) -> UserError:
-    head = error.where.split(".", 1)[0]
-    if head in where and head:
-        return type(error)(error.where[len(head) :].lstrip("."), error.problem, error.hint).under(where[head])
+    """The error under the section its key's longest `where` prefix maps to (the whole key or up to a `.`)."""
+    for prefix in sorted(where, key=len, reverse=True):
+        if prefix and (error.where == prefix or error.where.startswith((f"{prefix}.", f"{prefix}["))):
+            return type(error)(error.where[len(prefix) :].lstrip("."), error.problem, error.hint).under(where[prefix])
     return error.under(where[""])
 
 
@@ -139,7 +146,7 @@ def run_passes(cfg: RunConfig, ctx: StepContext) -> tuple[dict[str, Artifact], S
             adapters = {}
         outputs[folders[name]] = artifact
     models = {"base": (None, base)} | {folders[name]: (name, outputs[folders[name]]) for name in cfg.passes}
-    runnable = {label: made for label, made in models.items() if not steps.cannot_run(label, made[1])}
+    runnable = {label: made for label, made in models.items() if not steps.cannot_run(label, *made)}
     if held_out is not None:
         measure_quality(steps, {label: artifact for label, (_, artifact) in runnable.items()}, held_out)
     outputs |= evaluate(steps, runnable)
@@ -164,8 +171,13 @@ def evaluate(steps: StepRunner, models: dict[str, tuple[str | None, Artifact]]) 
         if chosen is None or (pass_name is None and not cfg.engine.evaluate_input_model):
             continue
         name, evaluator = chosen
+        where = {"": cfg.evaluator_key(name)} | {
+            f"metrics[{index}].data_config": cfg.data_where(metric.data_config)
+            for index, metric in enumerate(getattr(evaluator, "metrics", []))
+            if isinstance(metric.data_config, str)
+        }
         done = steps.run(EVALUATE_MODEL, evaluation_settings(cfg, name, evaluator), f"evaluate/{name}/{label}",
-                         {"": f"evaluators.{name}"}, model=artifact)  # fmt: skip
+                         where, model=artifact)  # fmt: skip
         if done.info.predictions:
             answers[f"evaluation/{name}/{label}"] = done
     return answers

@@ -115,6 +115,8 @@ def _lift_engine(cfg: dict[str, Any], engine_keys: set[str], out: Normalised) ->
         return  # validation reports the wrong type
     engine = cfg.setdefault("engine", {})
     for key in sorted(engine_keys & cfg.keys()):
+        if key in engine:
+            raise UserError(key, f"is given both at the top level and as engine.{key}", "give it once")
         engine[key] = cfg.pop(key)
         out.origins[f"engine.{key}"] = key
     for key in ("host", "target"):  # Olive lets the engine name a system or describe it in place

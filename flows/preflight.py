@@ -74,7 +74,7 @@ def _check(cfg: RunConfig, ctx: StepContext, attempt: _Attempts) -> None:
         if data.name in used and resolved[data.name]:
             attempt(cfg.data_where(data.name), lambda data=data: check_data(data, Path(ctx.downloads)))
     for name, evaluator in evaluators.items():
-        with located(f"evaluators.{name}"):
+        with located(cfg.evaluator_key(name)):
             check_evaluator(evaluator, cfg, Path(ctx.downloads))
     facts = ModelFacts(source)
     with located("input_model.model_path"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo, no_effect
 from olive_grove.tasks.data import DataConfig, DatasetSettings, load_rows, row_samples, sample_rows
-from olive_grove.tasks.errors import UserError, first_line, nearest
+from olive_grove.tasks.errors import UserError, first_line, located, nearest
 from olive_grove.tasks.quality import perplexity, scored_tokens
 from olive_grove.tasks.runners import Runner, open_runner
 
@@ -47,7 +48,7 @@ class TimingConfig(Settings):
 
 
 class SubMetric(Settings):
-    name: str
+    name: str = Field(min_length=1)
     metric_config: dict[str, Any] | None = None
     priority: Any = no_effect(RANKED)
     higher_is_better: Any = no_effect(RANKED)
@@ -77,7 +78,7 @@ class MetricUserConfig(Settings):
 
 
 class Metric(Settings):
-    name: str
+    name: str = Field(min_length=1)
     type: Literal["accuracy", "latency", "throughput", "size_on_disk", "custom"]
     sub_types: list[SubMetric] = Field(default_factory=list)
     data_config: str | DataConfig | None = Field(None, description="a data_configs name, or one in place")
@@ -97,6 +98,8 @@ class Metric(Settings):
         for index, sub in enumerate(self.sub_types):
             if sub.name == "accuracy":
                 sub.name = "accuracy_score"  # some Olive configs spell it so
+            if sub.name in [s.name for s in self.sub_types[:index]]:
+                raise UserError(f"sub_types[{index}].name", f"'{sub.name}' is an earlier sub type too", "list it once")
             if self.type in allowed and sub.name not in allowed[self.type]:
                 raise UserError(f"sub_types[{index}].name", f"olive-grove does not measure {sub.name!r} for "
                                 f"{self.type}", nearest(sub.name, allowed[self.type]))  # fmt: skip
@@ -110,7 +113,8 @@ class Metric(Settings):
             raise UserError("user_config.metric_func", "a custom metric needs metric_func, user_script and the "
                             "names it returns as sub_types", "see Olive's custom metric")  # fmt: skip
         if self.type != "size_on_disk" and self.data_config is None:
-            raise UserError("data_config", f"is required: a {self.type} metric runs the model on rows",
+            article = "an" if self.type[0] in "aeiou" else "a"
+            raise UserError("data_config", f"is required: {article} {self.type} metric runs the model on rows",
                             "name one of data_configs")  # fmt: skip
         return self
 
@@ -238,12 +242,13 @@ def evaluate_model(
     runner: Runner | None = None
     results, answers = {}, []
     for index, metric in enumerate(settings.evaluator.metrics):
-        with _at(f"metrics[{index}]"):
+        with located(f"metrics[{index}]"):
             if metric.type == "size_on_disk":
                 results[metric.result_keys()[0]] = float(model_bytes(Path(model.path)))
                 continue
             runner = runner or open_runner(model)
-            rows = load_rows(settings.data[str(index)].data, files.downloads)
+            with located("data_config"):
+                rows = load_rows(settings.data[str(index)].data, files.downloads)
             measured, kept = _measure(metric, runner, rows, settings.data[str(index)].data)
         results |= {key: measured[key] for key in metric.result_keys()}  # in the order the config lists them
         answers += [{"metric": metric.name, **row} for row in kept]
@@ -259,26 +264,21 @@ def model_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".olive-grove"))
 
 
-@contextlib.contextmanager
-def _at(prefix: str):
-    try:
-        yield
-    except UserError as exc:
-        raise exc.under(prefix) from None
-
-
 def _measure(metric: Metric, runner: Runner, rows, data: DataConfig):
     """(results by key, rows to keep in predictions.jsonl) for one metric that runs the model on rows."""
     text = data.pre_process_data_config
     if metric.type in ("latency", "throughput"):
-        prompts = [runner.encode(p) for p, _ in sample_rows(rows, text, runner.tokenizer, answers=False)]
-        return _timed(metric, runner, prompts), []
+        with located("data_config"):
+            pairs = sample_rows(rows, text, runner.tokenizer, answers=False)
+        return _timed(metric, runner, [runner.encode(p) for p, _ in pairs]), []
     results, kept = {}, []
     wanted = {s.name for s in metric.sub_types}
     if "perplexity" in wanted:
-        results[f"{metric.name}-perplexity"] = _perplexity(runner, rows, text)
+        with located("data_config"):
+            results[f"{metric.name}-perplexity"] = _perplexity(runner, rows, text)
     if metric.type == "custom" or wanted - {"perplexity"}:
-        pairs = sample_rows(rows, text, runner.tokenizer, answers=True)
+        with located("data_config"):
+            pairs = _answered(sample_rows(rows, text, runner.tokenizer, answers=True))
         expected = [answer for _, answer in pairs]
         generated = _answers(metric, runner, pairs)
         kept = [{"prompt": p, "expected": e, "answer": g} for (p, e), g in zip(pairs, generated)]
@@ -294,19 +294,40 @@ def _perplexity(runner: Runner, rows, text) -> float:
     """Perplexity of the labelled tokens of the rows, tokenized as training would (no held-out split)."""
     import datasets
 
-    loss, _ = scored_tokens(datasets.Dataset.from_dict(row_samples(rows, text, runner.tokenizer)), runner)
+    loss, scored = scored_tokens(datasets.Dataset.from_dict(row_samples(rows, text, runner.tokenizer)), runner)
+    if not scored:
+        raise UserError("pre_process_data_config", "leaves no labelled token to score perplexity on",
+                        "rows with text (with train_on_inputs false, an answer after the prompt)")  # fmt: skip
     return perplexity(loss)
+
+
+def _answered(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rows, each with an answer to compare with: an empty one would count any empty reply right."""
+    empty = [index for index, (_, answer) in enumerate(pairs) if not answer]
+    if empty:
+        raise UserError("", f"{len(empty)} of the {len(pairs)} rows evaluated on have an empty answer (the first "
+                        f"is row {empty[0]})", "leave them out of the data, or fill in their answers")  # fmt: skip
+    return pairs
 
 
 def _answers(metric: Metric, runner: Runner, pairs: list[tuple[str, str]]) -> list[str]:
     """The model's greedy reply to each prompt, cut to as many lines as the expected answer has."""
     longest = max((len(runner.encode(answer)) for _, answer in pairs), default=1)
-    budget = metric.max_new_tokens or longest + ANSWER_SLACK
+    budget = _fits(metric.max_new_tokens, runner) or longest + ANSWER_SLACK
     replies = []
     for prompt, answer in pairs:
         reply = runner.decode(runner.generate(runner.encode(prompt), budget))
         replies.append("\n".join(reply.strip().split("\n")[: answer.strip().count("\n") + 1]))
     return replies
+
+
+def _fits(max_new_tokens: int | None, runner: Runner) -> int | None:
+    """max_new_tokens, if the model's context holds that many new tokens."""
+    context = runner.context_length
+    if max_new_tokens and context and max_new_tokens >= context:
+        raise UserError("max_new_tokens", f"is {max_new_tokens}, and the model holds {context} tokens in all",
+                        f"fewer than {context}, leaving room for the prompt")  # fmt: skip
+    return max_new_tokens
 
 
 def normalized(text: str) -> str:
@@ -318,19 +339,27 @@ def _matches(reply: str, expected: str) -> bool:
     return any(normalized(reply) == normalized(option) for option in expected.split("|"))
 
 
+def _label(expected: str) -> str:
+    """An expected answer as a class: its options (`a|b`), normalized and in order."""
+    return "|".join(sorted({normalized(option) for option in expected.split("|")}))
+
+
 def _compared(replies: list[str], expected: list[str]) -> dict[str, float]:
-    """Accuracy of the replies, and precision, recall and F1 averaged over the expected answers as classes."""
+    """Accuracy of the replies, and precision, recall and F1 averaged over the expected answers as classes.
+    A reply that matches its own row's answer gives that row's class, else the first class it matches."""
     right = [_matches(r, e) for r, e in zip(replies, expected)]
     scores = {"accuracy_score": sum(right) / len(right), "exact_match": sum(right) / len(right)}
-    classes = sorted({normalized(e) for e in expected})
-    chosen = [next((c for c in classes if _matches(r, c)), None) for r in replies]  # the answer a reply gives
+    actual = [_label(e) for e in expected]
+    classes = sorted(set(actual))
+    chosen = [own if hit else next((c for c in classes if _matches(r, c)), None)
+              for r, own, hit in zip(replies, actual, right)]  # fmt: skip
     precision, recall = [], []
     for label in classes:
         predicted = [c == label for c in chosen]
-        actual = [normalized(e) == label for e in expected]
-        hits = sum(p and a for p, a in zip(predicted, actual))
+        actual_here = [a == label for a in actual]
+        hits = sum(p and a for p, a in zip(predicted, actual_here))
         precision.append(hits / sum(predicted) if any(predicted) else 0.0)
-        recall.append(hits / sum(actual))
+        recall.append(hits / sum(actual_here))
     f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
     return scores | {"precision": statistics.fmean(precision), "recall": statistics.fmean(recall),
                      "f1_score": statistics.fmean(f1)}  # fmt: skip
@@ -339,7 +368,7 @@ def _compared(replies: list[str], expected: list[str]) -> dict[str, float]:
 def _timed(metric: Metric, runner: Runner, prompts: list[list[int]]) -> dict[str, float]:
     """Latency in milliseconds per run (the prompt and max_new_tokens generated tokens), or throughput in
     generated tokens per second; runs go round the rows."""
-    timing, budget = metric.timing(), metric.max_new_tokens or TIMED_NEW_TOKENS
+    timing, budget = metric.timing(), _fits(metric.max_new_tokens, runner) or TIMED_NEW_TOKENS
     for i in range(timing.warmup_num):
         runner.timed_generate(prompts[i % len(prompts)], budget)
     runs = []
@@ -363,20 +392,35 @@ def _custom(metric: Metric, replies: list[str], expected: list[str]) -> dict[str
     function = load_user_function(config.user_script, config.metric_func, config.script_dir)
     try:
         value = function(ModelOutput(preds=replies), expected, **config.metric_func_kwargs)
-    except Exception as exc:  # the user's own code: its failure is theirs, said in one line
+    except (Exception, SystemExit) as exc:  # the user's own code: its failure is theirs, said in one line
         raise UserError("user_config.metric_func", f"{config.metric_func} raised {type(exc).__name__}: "
                         f"{first_line(exc, 200)}", f"fix it in {config.user_script}") from None  # fmt: skip
     names = [s.name for s in metric.sub_types]
-    if isinstance(value, (int, float)) and len(names) == 1:
-        return {f"{metric.name}-{names[0]}": float(value)}
-    if isinstance(value, dict):
-        for index, name in enumerate(names):
-            if not isinstance(value.get(name), (int, float)):
-                raise UserError(f"sub_types[{index}].name", f"{config.metric_func} returned no number '{name}'",
-                                f"it returned {', '.join(map(str, value)) or 'nothing'}")  # fmt: skip
-        return {f"{metric.name}-{name}": float(value[name]) for name in names}
-    raise UserError("user_config.metric_func", f"returned {type(value).__name__}",
-                    "a number (one sub type) or a dict of numbers by sub type name")  # fmt: skip
+    if not isinstance(value, dict) and _number(value) is not None and len(names) == 1:
+        value = {names[0]: value}
+    if not isinstance(value, dict):
+        raise UserError("user_config.metric_func", f"returned {type(value).__name__}",
+                        "a number (one sub type) or a dict of numbers by sub type name")  # fmt: skip
+    results = {}
+    for index, name in enumerate(names):
+        number = _number(value.get(name))
+        if number is None:
+            got = repr(value[name]) if name in value else f"nothing; it returned {', '.join(map(str, value)) or 'none'}"
+            raise UserError(f"sub_types[{index}].name", f"{config.metric_func} returned no finite number "
+                            f"'{name}' ({got[:80]})", "return a number for each sub type")  # fmt: skip
+        results[f"{metric.name}-{name}"] = number
+    return results
+
+
+def _number(value: Any) -> float | None:
+    """A metric value as a float: any finite number (a numpy or torch scalar too), not a bool or text."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def load_user_function(script: str | None, name: str | None, script_dir: str | None):
@@ -390,7 +434,7 @@ def load_user_function(script: str | None, name: str | None, script_dir: str | N
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserError("user_config.user_script", f"{script} fails to import: {type(exc).__name__}: "
                         f"{first_line(exc, 200)}") from None  # fmt: skip
     function = getattr(module, name or "", None)

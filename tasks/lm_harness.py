@@ -45,11 +45,28 @@ def check_tasks(settings: LMEvaluatorSettings) -> None:
             raise UserError(f"tasks[{index}]", f"lm-eval has no task {name!r}",
                             nearest(name, manager.all_tasks) or "see `lm-eval ls tasks`")  # fmt: skip
         try:
-            get_task_dict([name], manager)
+            loaded = get_task_dict([name], manager)
         except Exception as exc:  # datasets raises many kinds for data it cannot reach
             raise UserError(f"tasks[{index}]", f"lm-eval cannot load the data of {name!r}: "
                             f"{first_line(exc, 160)}", "put it in the Hugging Face datasets cache, or give "
                             "include_path a task over local files") from None  # fmt: skip
+        for task_name, task in _tasks(loaded):
+            pool = len(task.fewshot_docs() or []) if settings.num_fewshot else 0
+            if settings.num_fewshot and settings.num_fewshot >= pool:
+                raise UserError("num_fewshot", f"is {settings.num_fewshot}, and lm-eval task {task_name!r} has "
+                                f"{pool} rows to draw examples from", f"at most {max(pool - 1, 0)}: the row "
+                                "asked about is not its own example")  # fmt: skip
+
+
+def _tasks(loaded: dict) -> list[tuple[str, Any]]:
+    """The tasks of lm-eval's task dict by name, a group's members included."""
+    found = []
+    for key, value in loaded.items():
+        if isinstance(value, dict):
+            found += _tasks(value)
+        elif hasattr(value, "fewshot_docs"):
+            found.append((getattr(key, "group_name", None) or str(key), value))
+    return found
 
 
 def run_lm_eval(settings: LMEvaluatorSettings, runner: Runner) -> dict[str, float]:
@@ -94,6 +111,7 @@ def _runner_lm_class():
             if not continuation:
                 return 0.0, True
             ids = (context + continuation)[-(self.max_length + 1) :]
+            continuation = continuation[-(len(ids) - 1) :]  # longer than max_length: its last tokens are scored
             logits = self.runner.logits(ids[:-1])[-len(continuation) :].astype("float64")
             logits -= logits.max(axis=1, keepdims=True)
             log_probs = logits - _log_sum_exp(logits)
@@ -132,7 +150,9 @@ def _runner_lm_class():
                 context, options = request.args
                 until = options.get("until") or []
                 until = [until] if isinstance(until, str) else until
-                new = self.runner.generate(self.runner.encode(context), int(options.get("max_gen_toks", 256)))
+                budget = int(options.get("max_gen_toks", 256))
+                prompt = self.runner.encode(context)[-max(self.max_length - budget, 1) :]  # as lm-eval's HFLM cuts
+                new = self.runner.generate(prompt, budget)
                 text = self.runner.decode(new)
                 cut = min((text.index(s) for s in until if s and s in text), default=len(text))
                 out.append(text[:cut])

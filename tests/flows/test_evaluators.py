@@ -87,6 +87,9 @@ def test_answers_compare_as_olive_exact_match_and_f1_averages_the_answers():
     assert scores["precision"] == pytest.approx((1 + 1 + 1 / 2) / 3)
     f1 = [2 * p * r / (p + r) for p, r in ((1, 1 / 2), (1, 1 / 2), (1 / 2, 1))]
     assert scores["f1_score"] == pytest.approx(sum(f1) / 3)
+    # A reply right for its own row counts for that row's answer, though another answer lists it too.
+    overlapping = _compared(["happy", "happy"], ["Joy|Happy", "Happy"])
+    assert overlapping == {"accuracy_score": 1, "exact_match": 1, "precision": 1, "recall": 1, "f1_score": 1}
 
 
 def _flat_project(tmp_path: Path, model: Path, evaluators: dict, **engine) -> Path:
@@ -98,14 +101,15 @@ def _flat_project(tmp_path: Path, model: Path, evaluators: dict, **engine) -> Pa
 
 
 def _accuracy(**metric) -> dict:
-    return {"main": {"metrics": [{"name": "tone", "type": "accuracy", "data_config": "tone_train", **metric}]}}
+    return {"main": {"metrics": [{"name": "tone", "type": "accuracy", "data_config": "tone_train"} | metric]}}
 
 
 def test_a_custom_metric_func_gets_the_answers_and_the_expected_ones(tmp_path, tiny_phi3):
     (tmp_path / "metrics.py").write_text(
+        "import numpy\n"
         "def tone_stats(model_output, targets, unit=1):\n"
         "    answered = sum(bool(p.strip()) for p in model_output.preds)\n"
-        "    return {'answered': answered * unit / len(targets), 'rows': len(targets)}\n"
+        "    return {'answered': answered * unit / len(targets), 'rows': numpy.int64(len(targets))}\n"
     )
     custom = {"name": "stats", "type": "custom", "data_config": "tone_train",
               "sub_types": [{"name": "answered"}, {"name": "rows"}],
@@ -130,6 +134,15 @@ def test_a_custom_metric_func_gets_the_answers_and_the_expected_ones(tmp_path, t
         "ZeroDivisionError: division by zero (fix it in " + str(tmp_path / "metrics.py") + ")"
     ]
     assert "Traceback" not in result.err
+    # report.json stays JSON: no NaN; and a script's exit is its failure too.
+    for body, line in [("return {'answered': float('nan'), 'rows': 5}",
+                        "sub_types[0].name: tone_stats returned no finite number 'answered' (nan) (return a number "
+                        "for each sub type)"),
+                       ("raise SystemExit(3)", "user_config.metric_func: tone_stats raised SystemExit: 3 (fix it in "
+                        f"{tmp_path / 'metrics.py'})")]:  # fmt: skip
+        (tmp_path / "metrics.py").write_text(f"def tone_stats(model_output, targets, unit=1):\n    {body}\n")
+        result = grove("run", "--config", config)
+        assert (result.rc, result.errors) == (2, [f"error: evaluators.main.metrics[0].{line}"])
 
 
 MISTAKES = [
@@ -161,6 +174,27 @@ MISTAKES = [
         {"evaluators": {"main": {"metrics": [{"name": "lat", "type": "latency", "data_config": "tone_train",
                                               "sub_types": [{"name": "avg", "metric_config": {"warmup": 1}}]}]}}},
         "error: evaluators.main.metrics[0].sub_types[0].metric_config.warmup: Extra inputs are not permitted",
+    ),
+    (
+        {"evaluator": _accuracy(data_config="tone_tran")["main"]},  # in place: its errors are where it is written
+        "error: evaluator.metrics[0].data_config: no data config named 'tone_tran' (did you mean 'tone_train'?)",
+    ),
+    (
+        {"engine": {"evaluator": "main"}},
+        "error: evaluator: is given both at the top level and as engine.evaluator (give it once)",
+    ),
+    (
+        {"evaluators": _accuracy(sub_types=[{"name": "f1_score"}, {"name": "f1_score"}])},
+        "error: evaluators.main.metrics[0].sub_types[1].name: 'f1_score' is an earlier sub type too (list it once)",
+    ),
+    (
+        {"evaluators": _accuracy(name="")},
+        "error: evaluators.main.metrics[0].name: String should have at least 1 character (got '')",
+    ),
+    (
+        {"evaluators": {"main": {"metrics": [{"name": "acc", "type": "accuracy"}]}}},
+        "error: evaluators.main.metrics[0].data_config: is required: an accuracy metric runs the model on rows "
+        "(name one of data_configs)",
     ),
     (
         {"evaluators": {"main": {"type": "LMEvaluator", "tasks": []}}},
@@ -231,6 +265,30 @@ def test_lm_evaluator_scores_lm_eval_tasks_on_every_model(tmp_path, tiny_phi3):
     assert result.errors == ["error: evaluators.main.tasks[0]: lm-eval has no task 'tone_choise' (did you mean "
                              "'tone_choice'?)"]  # fmt: skip
 
+    lm["main"].update(tasks=["tone_choice"], num_fewshot=24)  # as many as the task's rows: none left to ask
+    result = grove("validate", "--config", _flat_project(tmp_path / "shots", tiny_phi3, lm))
+    assert result.rc == 2
+    assert result.errors == [
+        "error: evaluators.main.num_fewshot: is 24, and lm-eval task 'tone_choice' has 24 rows to draw examples "
+        "from (at most 23: the row asked about is not its own example)"
+    ]
+
+
+def test_lm_eval_requests_longer_than_max_length_keep_their_last_tokens(tiny_phi3):
+    pytest.importorskip("lm_eval")
+    from grove_helpers import model_artifact
+
+    from olive_grove.tasks.lm_harness import _runner_lm_class
+    from olive_grove.tasks.runners import open_runner
+
+    runner = open_runner(model_artifact(tiny_phi3))
+    ids = runner.encode("### Text: what a day\n### The tone is:\nJoy and more joy")
+    whole = _runner_lm_class()(runner, len(ids) + 1)._scored(ids[:2], ids[2:])
+    cut = _runner_lm_class()(runner, 4)._scored(ids[:2], ids[2:])  # the continuation alone is longer than 4
+    alone = _runner_lm_class()(runner, 4)._scored(ids[-5:-4], ids[-4:])
+    assert cut == pytest.approx(alone)  # its last 4 tokens, after the one before them
+    assert whole[0] < cut[0] < 0
+
 
 def test_lm_evaluator_without_lm_eval_installed_is_one_line(tmp_path, tiny_phi3, monkeypatch):
     import sys
@@ -243,3 +301,75 @@ def test_lm_evaluator_without_lm_eval_installed_is_one_line(tmp_path, tiny_phi3,
     assert result.errors == ["error: evaluators.main.type: LMEvaluator runs lm-eval-harness tasks, and the lm-eval "
                              "package is not installed here (pip install lm-eval)"]  # fmt: skip
     assert not (tmp_path / "outputs").exists()
+
+
+def _held_out_project(tmp_path: Path, model: Path, rows: list[dict], **metric) -> Path:
+    """The flat project, its evaluator on a second data config of its own rows (data/held.json), so a change
+    to them or to the metric evaluates again without training again."""
+    cfg = json.loads(_flat_project(tmp_path, model, _accuracy(data_config="held", **metric)).read_text())
+    held = copy.deepcopy(cfg["data_configs"][0])
+    held.update(name="held")
+    held["load_dataset_config"]["data_files"] = "data/held.json"
+    cfg["data_configs"].append(held)
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data" / "held.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return write_project(tmp_path, cfg)
+
+
+def test_mistakes_found_while_evaluating_are_one_line_at_their_key(tmp_path, tiny_phi3):
+    rows = [{"phrase": "what a day", "tone": "Joy"}, {"phrase": "oh no", "tone": None}, {"phrase": "hm", "tone": ""}]
+    result = grove("run", "--config", _held_out_project(tmp_path, tiny_phi3, rows))
+    # A null or empty answer would count an empty reply right: the data config that holds the rows says so.
+    assert result.rc == 2
+    assert result.errors == ["error: data_configs[1]: 2 of the 3 rows evaluated on have an empty answer (the first "
+                             "is row 1) (leave them out of the data, or fill in their answers)"]  # fmt: skip
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "outputs").exists()
+
+    rows = rows[:1]
+    result = grove("run", "--config", _held_out_project(tmp_path, tiny_phi3, rows, max_new_tokens=10**6))
+    assert result.rc == 2
+    assert result.errors == ["error: evaluators.main.metrics[0].max_new_tokens: is 1000000, and the model holds 4096 "
+                             "tokens in all (fewer than 4096, leaving room for the prompt)"]  # fmt: skip
+
+    config = _held_out_project(tmp_path, tiny_phi3, rows, sub_types=[{"name": "perplexity"}])
+    cfg = json.loads(config.read_text())
+    cfg["data_configs"][1]["pre_process_data_config"].update(text_template="{phrase}{tone}", train_on_inputs=False)
+    (tmp_path / "data" / "held.json").write_text(json.dumps({"phrase": "oh no", "tone": None}))
+    result = grove("run", "--config", write_project(tmp_path, cfg))
+    assert result.rc == 2
+    assert result.errors == ["error: data_configs[1].pre_process_data_config: leaves no labelled token to score "
+                             "perplexity on (rows with text (with train_on_inputs false, an answer after the "
+                             "prompt))"]  # fmt: skip
+
+
+def test_chat_rows_to_evaluate_on_are_checked_at_their_data_config(tmp_path, tiny_phi3):
+    chat = {"name": "chat", "type": "accuracy", "data_config": {
+        "name": "chat_rows", "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "data_files": "data/chat.json", "split": "train"},
+        "pre_process_data_config": {"chat_template": True, "message_col": "messages", "max_seq_len": 64}}}  # fmt: skip
+    config = _flat_project(tmp_path, tiny_phi3, {"main": {"metrics": [chat]}})
+    turns = [{"role": "user", "content": "what a day"}, {"role": "assistant", "content": "Joy"}]
+    (tmp_path / "data" / "chat.json").write_text(json.dumps({"messages": [*turns, turns[0]]}))
+    result = grove("run", "--config", config)
+    assert result.rc == 2
+    assert result.errors == ["error: evaluators.main.metrics[0].data_config.pre_process_data_config.message_col: a "
+                             "row to evaluate on ends with the assistant's answer, and one ends with a user "
+                             "message (end each row with the assistant turn the model should give)"]  # fmt: skip
+
+
+def test_an_adapter_no_pass_merges_is_reported_as_not_evaluated(tmp_path, tiny_phi3):
+    passes = tiny_run_config(tiny_phi3)["passes"]
+    passes["lora"]["training_args"]["max_steps"] = 1
+    cfg = tiny_run_config(tiny_phi3, {"lora": passes["lora"]}, evaluators=_accuracy(max_new_tokens=2),
+                          evaluator="main")  # fmt: skip
+    cfg["data_configs"][0]["pre_process_data_config"]["max_samples"] = 2
+    config = write_project(tmp_path, cfg)
+    result = grove("run", "--config", config)
+    assert result.rc == 0, result.err[-3000:]
+    report = read_report(config)
+    assert list(report["evaluation"]["main"]["tone-accuracy_score"]) == ["base"]
+    assert report["not_measured"] == {
+        "adapter": "an adapter, which is evaluated merged: add a merge pass after lora to evaluate it"
+    }
+    assert "add a merge pass after lora" in (config.parent / "outputs" / "run" / "report.md").read_text()
