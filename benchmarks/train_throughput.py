@@ -9,6 +9,11 @@ never counted as allocated).
     python benchmarks/train_throughput.py --set compile_layers=false   # ours with one speed-up off
     python benchmarks/train_throughput.py --tiny          # anywhere: a tiny model, a smoke test
 
+Beside the baseline, the peers speed-minded users pick instead, at our micro-batch and on our samples
+(packed where ours packs): `liger` (HF Trainer + PEFT + Liger Kernel) and `unsloth` (Unsloth's
+FastLanguageModel with its defaults, in a process of its own since it must be imported first). A peer that
+cannot run here is recorded with the reason.
+
 Prints a table and writes benchmarks/results/<gpu>-train[-<settings>].json.
 """
 
@@ -18,9 +23,10 @@ import argparse
 import gc
 import json
 import random
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +41,12 @@ from olive_grove.tasks.collate import pad_collator
 from olive_grove.tasks.data import pack_rows
 from olive_grove.tasks.speed import Placement, release_compiled_layers
 
+PEERS = ("liger", "unsloth")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels")  # what --set may change
+# What --set may change.
+SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels", "offload_checkpoints")
+LORA = {"r": 64, "alpha": 64, "lora_dropout": 0.1, "target_modules": ["qkv_proj", "o_proj"]}  # every side's adapter
+ADAPTER = LoRASettings(train_data_config="x", **LORA)
 GUIDE_ARGS = {  # the guide's training_args, as Olive hands them to the Trainer
     "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 4,
@@ -59,6 +69,7 @@ class Result:
     baseline_mfu: float
     peak_gib: float
     baseline_peak_gib: float
+    peers: dict[str, dict] = field(default_factory=dict)  # by peer: tok_s, peak_gib, ours_vs (ours / theirs), or error
 
 
 def phi3_mini_config(tiny: bool):
@@ -154,16 +165,15 @@ def load_base(model_dir: Path, quantized: bool):
     return model
 
 
-def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
-    """Plain HF Trainer + PEFT with the guide's settings: what Olive's LoRA/QLoRA pass runs."""
+def run_baseline(model, data: dict, args: dict, steps: int, warmup: int, out: Path, liger: bool = False):
+    """Plain HF Trainer + PEFT with the guide's settings: what Olive's LoRA/QLoRA pass runs; with `liger`,
+    Liger Kernel's fused layers too (the Trainer's use_liger_kernel)."""
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    settings = LoRASettings(train_data_config="x", r=64, alpha=64, lora_dropout=0.1,
-                            target_modules=["qkv_proj", "o_proj"])  # fmt: skip
     meter = Meter(warmup)
     trainer = Trainer(
-        model=get_peft_model(model, settings.peft_config(settings.target_modules)),
+        model=get_peft_model(model, ADAPTER.peft_config(ADAPTER.target_modules)),
         args=TrainingArguments(
             output_dir=str(out),
             max_steps=steps,
@@ -172,9 +182,10 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
             bf16=torch.cuda.is_available(),
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
+            use_liger_kernel=liger,
             **args,
         ),
-        train_dataset=as_dataset(unpacked(rows)),
+        train_dataset=as_dataset(data),
         data_collator=meter.collator(pad_collator(0)),
         callbacks=[meter.callback()],
     )
@@ -182,13 +193,13 @@ def run_baseline(model, rows, args: dict, steps: int, warmup: int, out: Path):
     return meter.tokens_per_second(), meter.peak_gib()
 
 
-def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_to: int | None, overrides: dict):
-    """olive-grove's training step: the same LoRA, the same effective batch, with its speed-ups on."""
+def run_ours(model, data: dict, args, steps, warmup, out: Path, quantized: bool, overrides: dict):
+    """olive-grove's training step: the same LoRA, the same effective batch, with its speed-ups on. Returns
+    tokens/s, peak GiB and the training arguments it chose (the micro-batch the peers run at)."""
     kind = QLoRASettings if quantized else LoRASettings
-    settings = kind(train_data_config="x", r=64, alpha=64, lora_dropout=0.1, target_modules=["qkv_proj", "o_proj"],
+    settings = kind(train_data_config="x", **LORA, **overrides,
                     training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps,
-                                   "disable_tqdm": True}, **overrides)  # fmt: skip
-    data = pack_rows([(r, [True] * len(r)) for r in rows], pack_to) if pack_to else unpacked(rows)
+                                   "disable_tqdm": True})  # fmt: skip
     meter = Meter(warmup)
     from peft import get_peft_model
 
@@ -198,7 +209,39 @@ def run_ours(model, rows, args, steps, warmup, out: Path, quantized: bool, pack_
     trainer.data_collator = meter.collator(trainer.data_collator)
     trainer.add_callback(meter.callback())
     trainer.train()
-    return meter.tokens_per_second(), meter.peak_gib()
+    chosen = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
+    return meter.tokens_per_second(), meter.peak_gib(), chosen
+
+
+def samples(rows: list[list[int]], pack_to: int | None) -> dict:
+    """A case's training samples: the rows as they are, or packed whole into pack_to-token samples."""
+    return pack_rows([(r, [True] * len(r)) for r in rows], pack_to) if pack_to else unpacked(rows)
+
+
+def run_peer(peer: str, case: str, model_dir: Path, data: dict, args: dict, steps: int, warmup: int, out: Path,
+             quantized: bool, tiny: bool) -> dict:  # fmt: skip
+    """One peer on a case, at our micro-batch (`args`): its tokens/s and peak GiB, or why it could not run."""
+    if not torch.cuda.is_available():
+        return {"error": "needs a CUDA GPU"}
+    if peer == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as exc:
+            return {"error": f"not installed: {exc}"}
+        model = load_base(model_dir, quantized)
+        try:
+            tok_s, peak = run_baseline(model, data, args, steps, warmup, out / f"{case}-liger", liger=True)
+        finally:
+            del model
+        return {"tok_s": round(tok_s, 1), "peak_gib": round(peak, 2)}
+    command = [sys.executable, str(Path(__file__).with_name("unsloth_peer.py")), case, str(model_dir), json.dumps(args),
+               str(steps), str(warmup), str(out / f"{case}-unsloth")] + (["--tiny"] if tiny else [])  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {last[:300]}"}
+    return json.loads(lines[-1])
 
 
 class IndentedReporter(Reporter):
@@ -212,23 +255,61 @@ def flops_per_token(cfg, n_params: int, context: float) -> float:
 
 
 def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, quantized, pack_to, context, peak_flops,
-            overrides):  # fmt: skip
-    results = {}
+            overrides, peers=(), tiny=False):  # fmt: skip
+    results, chosen = {}, {}
     for who in ("baseline", "ours"):
         gc.collect()
         release_compiled_layers()  # each run compiles for its own model
         model = load_base(model_dir, quantized)
         n_params = sum(p.numel() for p in model.parameters()) if not quantized else _dense_params(cfg)
         if who == "baseline":
-            tok_s, peak = run_baseline(model, rows, args, steps, warmup, out / f"{name}-base")
+            tok_s, peak = run_baseline(model, unpacked(rows), args, steps, warmup, out / f"{name}-base")
         else:
             ours_dir = out / f"{name}-ours"
-            tok_s, peak = run_ours(model, rows, ours_args, steps, warmup, ours_dir, quantized, pack_to, overrides)
+            tok_s, peak, chosen = run_ours(model, samples(rows, pack_to), ours_args, steps, warmup, ours_dir, quantized,
+                                           overrides)  # fmt: skip
         results[who] = (tok_s, peak, tok_s * flops_per_token(cfg, n_params, context) / peak_flops)
         del model
     (base_tok, base_peak, base_mfu), (ours_tok, ours_peak, ours_mfu) = results["baseline"], results["ours"]
+    measured = {}
+    for peer in peers:
+        gc.collect()
+        release_compiled_layers()
+        print(f"  {peer} ...", flush=True)
+        measured[peer] = run_peer(peer, name, model_dir, samples(rows, pack_to), {**args, **chosen}, steps, warmup,
+                                  out, quantized, tiny)  # fmt: skip
+        if "tok_s" in measured[peer]:
+            measured[peer]["ours_vs"] = round(ours_tok / max(measured[peer]["tok_s"], 1e-9), 2)
     return Result(name, round(ours_tok, 1), round(base_tok, 1), round(ours_tok / max(base_tok, 1e-9), 2),
-                  round(ours_mfu, 4), round(base_mfu, 4), round(ours_peak, 2), round(base_peak, 2))  # fmt: skip
+                  round(ours_mfu, 4), round(base_mfu, 4), round(ours_peak, 2), round(base_peak, 2),
+                  measured)  # fmt: skip
+
+
+def make_cases(vocab: int, tiny: bool, steps: int) -> dict[str, tuple]:
+    """Each case: its rows, whether the base is 4-bit, the length ours packs to (None: as they are), and the mean
+    attention context per token."""
+    seq = 128 if tiny else 2048
+    n_rows = 4 * steps * 8
+    long_rows = synthetic_rows(vocab, [seq] * n_rows)
+    short_lengths = [random.Random(1).randint(20, 60) for _ in range(n_rows * 40)]
+    short_rows = synthetic_rows(vocab, short_lengths, seed=2)
+    return {
+        "lora-2048": (long_rows, False, None, seq / 2),
+        "lora-short": (short_rows, False, seq, sum(short_lengths) / len(short_lengths) / 2),
+        "qlora-2048": (long_rows, True, None, seq / 2),
+    }
+
+
+def word_level_tokenizer(vocab: int):
+    """A tokenizer of `vocab` made-up words: the random model's ids need no real text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")  # fmt: skip
 
 
 def _dense_params(cfg) -> int:
@@ -242,6 +323,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
     parser.add_argument("--cases", default="lora-2048,lora-short,qlora-2048")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"peers to run beside ours ({', '.join(PEERS)}; "
+                        "'' for none)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=15, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed: the first one compiles")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
@@ -266,24 +349,20 @@ def main(argv: list[str] | None = None) -> list[Result]:
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init is minutes on a CPU
             AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(model_dir))
+        word_level_tokenizer(cfg.vocab_size).save_pretrained(str(model_dir))  # what a peer's loader asks for
     overrides = dict(args.set)
     ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
-    seq = 128 if args.tiny else 2048
-    n_rows = 4 * args.steps * 8
-    long_rows = synthetic_rows(cfg.vocab_size, [seq] * n_rows)
-    short_lengths = [random.Random(1).randint(20, 60) for _ in range(n_rows * 40)]
-    short_rows = synthetic_rows(cfg.vocab_size, short_lengths, seed=2)
-    cases = {
-        "lora-2048": (long_rows, False, None, seq / 2),
-        "lora-short": (short_rows, False, seq, sum(short_lengths) / len(short_lengths) / 2),
-        "qlora-2048": (long_rows, True, None, seq / 2),
-    }
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"--peers: no peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    cases = make_cases(cfg.vocab_size, args.tiny, args.steps)
     results = []
     for name in args.cases.split(","):
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
-                               quantized, pack_to, context, peak_flops, overrides))  # fmt: skip
+                               quantized, pack_to, context, peak_flops, overrides, peers, args.tiny))  # fmt: skip
     print_table(results, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
     varied = {**overrides, **dict(args.train_arg)}
@@ -316,11 +395,20 @@ def train_arg(text: str) -> tuple[str, object]:
 
 def print_table(results: list[Result], gpu: str) -> None:
     print(f"\n{gpu}")
-    header = ("case", "baseline tok/s", "ours tok/s", "speedup", "MFU", "peak GiB", "base GiB")
-    print("{:<12} {:>15} {:>11} {:>8} {:>7} {:>9} {:>9}".format(*header))
+    peers = list(dict.fromkeys(p for r in results for p in r.peers))
+    header = ("case", "baseline tok/s", "ours tok/s", "speedup", "MFU", "peak GiB", "base GiB",
+              *(f"{p} tok/s (GiB)" for p in peers))  # fmt: skip
+    print("{:<12} {:>15} {:>11} {:>8} {:>7} {:>9} {:>9}".format(*header[:7]), *(f"{h:>22}" for h in header[7:]))
     for r in results:
+        shown = [f"{r.peers[p]['tok_s']:.1f} ({r.peers[p]['peak_gib']:.1f})" if "tok_s" in r.peers.get(p, {})
+                 else "-" for p in peers]  # fmt: skip
         print(f"{r.name:<12} {r.baseline_tok_s:>15.1f} {r.ours_tok_s:>11.1f} {r.speedup:>7.2f}x "
-              f"{100 * r.mfu:>6.1f}% {r.peak_gib:>9.2f} {r.baseline_peak_gib:>9.2f}")  # fmt: skip
+              f"{100 * r.mfu:>6.1f}% {r.peak_gib:>9.2f} {r.baseline_peak_gib:>9.2f}",
+              *(f"{v:>22}" for v in shown))  # fmt: skip
+    for r in results:
+        for peer, got in r.peers.items():
+            if "error" in got:
+                print(f"{r.name} {peer}: not measured: {got['error']}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,11 @@ class AdapterSettings(PassSettings):
         description="olive-grove: replay the compiled layers as CUDA graphs (one process, samples of one length, "
         "no evaluation during training, no gradient checkpointing)",
     )
+    offload_checkpoints: bool = Field(
+        False,
+        description="olive-grove: with gradient_checkpointing on CUDA, each layer's input waits in pinned host "
+        "memory for the backward pass (the lean-memory setting)",
+    )
     processes: int | Literal["auto"] = Field(
         "auto",
         description="olive-grove: data-parallel training processes, one per GPU; auto: every GPU of the worker",
@@ -198,6 +203,10 @@ class AdapterSettings(PassSettings):
     def check_before_work(self, model: ModelFacts) -> None:
         """What can be known wrong before training: the Trainer's arguments, the layers to adapt."""
         check_training_args(self)
+        if self.offload_checkpoints and not self.recomputes_layers:
+            raise UserError("offload_checkpoints", "keeps the inputs of checkpointed layers on the host, and "
+                            "gradient checkpointing is off",
+                            "set training_args.gradient_checkpointing: true too")  # fmt: skip
         names = model.linear_names()
         if names is None:
             return

@@ -262,6 +262,9 @@ def make_trainer(
                    f"{', replayed as CUDA graphs' if graphs else ''}")  # fmt: skip
     if graphs:
         speed.mark_graph_steps(peft_model)
+    if settings.offload_checkpoints and has_cuda():
+        speed.offload_saved_tensors(peft_model)
+        report.log("checkpointed layer inputs wait in host memory for the backward pass")
     trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=pad_collator(pad_id))  # fmt: skip
     trainer.pop_callback(ProgressCallback)

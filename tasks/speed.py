@@ -6,6 +6,8 @@
   layers are not compiled (CUDA only);
 - no GPU waits: the Trainer's per-micro-batch NaN check on the logged loss and blocking batch copies
   each make the CPU wait for the GPU, which then idles while the CPU queues the next pass;
+- lean memory: with gradient checkpointing, each layer's input (all that is kept of it) can wait in pinned
+  host memory until the backward pass, copied both ways without making the CPU wait;
 - micro-batch: the largest split of the configured effective batch that fits on the GPU, so the same
   optimizer steps see the same samples, in fewer, fuller forward passes;
 - packing (`strategy: packed` in the data config) lives with the data step.
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+OFFLOAD_BYTES = 1 << 20  # saved tensors smaller than this stay where they are: not worth a copy
 MEMORY_HEADROOM = 0.9  # of the card's memory a micro-batch probe may reach
 # Every in-layer switch of Liger's per-model functions (each takes the ones it knows), off: only the loss.
 LIGER_LOSS_ONLY = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rms_norm": False, "rope": False,
@@ -118,6 +121,33 @@ def compile_layers(layers: list, cuda_graphs: bool) -> None:
     options = {"triton.cudagraphs": True} if cuda_graphs else None  # what mode="reduce-overhead" sets
     for layer in layers:
         layer.compile(options=options)
+
+
+def offload_saved_tensors(model, device_type: str = "cuda", smallest: int = OFFLOAD_BYTES) -> Callable[[], None]:
+    """Tensors autograd saves during the model's forward pass wait in host memory for the backward pass (pinned
+    and copied without a wait, on CUDA). With gradient checkpointing those are each layer's input and the
+    loss's; the model's own weights, and tensors under `smallest` bytes, stay put. `device_type` is the device
+    whose tensors move (a test moves CPU tensors to other CPU memory). Returns what removes it again."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    pinned = device_type == "cuda"
+
+    def pack(tensor):
+        if (tensor.device.type != device_type or tensor.untyped_storage().data_ptr() in weights
+                or tensor.numel() * tensor.element_size() < smallest):  # fmt: skip
+            return tensor
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
+        host.copy_(tensor, non_blocking=pinned)
+        return tensor.device, host
+
+    def unpack(packed):
+        return packed[1].to(packed[0], non_blocking=pinned) if isinstance(packed, tuple) else packed
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    handles = [model.register_forward_pre_hook(lambda *_: hooks.__enter__()),
+               model.register_forward_hook(lambda *_: hooks.__exit__(None, None, None), always_call=True)]  # fmt: skip
+    return lambda: [handle.remove() for handle in handles]
 
 
 def mark_graph_steps(model) -> None:

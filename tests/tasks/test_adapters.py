@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -262,6 +263,47 @@ def test_lean_memory_trains_the_same_adapter(tiny_phi3: Path, tmp_path: Path):
     for name, weight in plain.items():
         assert weight.abs().sum() > 0
         torch.testing.assert_close(lean[name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_offloaded_checkpoints_give_the_same_gradients(tiny_phi3: Path):
+    """offload_checkpoints: what checkpointing keeps of each layer waits in other memory (here other CPU memory,
+    on a GPU pinned host memory), and the adapter's gradients are those of checkpointing alone."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def gradients(offloaded: bool) -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(base, LoRASettings(train_data_config="d", r=4, lora_dropout=0.0,
+                                                  target_modules=PHI3_MODULES).peft_config(PHI3_MODULES))  # fmt: skip
+        for name, parameter in model.named_parameters():  # B starts at zero: make the adapter count
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1)
+        model.train()
+        moved, copy = [], torch.Tensor.copy_
+
+        def counted_copy(tensor, source, **kwargs):  # the copies into other memory, seen
+            moved.append(source)
+            return copy(tensor, source, **kwargs)
+
+        if offloaded:
+            speed.offload_saved_tensors(model, device_type="cpu", smallest=0)
+        with patch.object(torch.Tensor, "copy_", counted_copy):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        assert not any(t.untyped_storage().data_ptr() in weights for t in moved), "weights stay where they are"
+        return [p.grad for p in model.parameters() if p.requires_grad], len(moved)
+
+    offloaded, moved = gradients(offloaded=True)
+    kept, not_moved = gradients(offloaded=False)
+    assert moved - not_moved >= 2, "each checkpointed layer's input was moved"
+    for a, b in zip(offloaded, kept):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.gpu
