@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -367,9 +368,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args.out.mkdir(parents=True, exist_ok=True)
     varied = {**overrides, **dict(args.train_arg)}
     variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
+    if args.cases != parser.get_default("cases"):
+        variant = f"-{args.cases.replace(',', '-')}{variant}"
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
     summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
                "training_args": dict(args.train_arg),
+               "env": {k: os.environ[k] for k in ("PYTORCH_CUDA_ALLOC_CONF",) if k in os.environ},
                "cases": [asdict(r) for r in results]}  # fmt: skip
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")

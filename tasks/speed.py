@@ -123,29 +123,73 @@ def compile_layers(layers: list, cuda_graphs: bool) -> None:
         layer.compile(options=options)
 
 
+class _Offloaded:
+    """A saved tensor in host memory; `previous` is the one saved before it, which the backward pass needs next."""
+
+    def __init__(self, device, host, previous: _Offloaded | None) -> None:
+        self.device, self.host, self.previous = device, host, previous
+        self.back, self.ready = None, None
+
+
 def offload_saved_tensors(model, device_type: str = "cuda", smallest: int = OFFLOAD_BYTES) -> Callable[[], None]:
-    """Tensors autograd saves during the model's forward pass wait in host memory for the backward pass (pinned
-    and copied without a wait, on CUDA). With gradient checkpointing those are each layer's input and the
-    loss's; the model's own weights, and tensors under `smallest` bytes, stay put. `device_type` is the device
-    whose tensors move (a test moves CPU tensors to other CPU memory). Returns what removes it again."""
+    """Tensors autograd saves during the model's forward pass wait in host memory for the backward pass. With
+    gradient checkpointing those are each layer's input and the loss's; the model's own weights, and tensors
+    under `smallest` bytes, stay put. On CUDA the copies run on a stream of their own into pinned memory, and
+    the backward pass brings back each layer's input while the layer after it is recomputed, so neither
+    direction holds up the compute stream. `device_type` is the device whose tensors move (a test moves CPU
+    tensors to other CPU memory). Returns what removes it again."""
     import torch
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    pinned = device_type == "cuda"
+    cuda = device_type == "cuda"
+    copies = torch.cuda.Stream() if cuda else None
+    last: list[_Offloaded | None] = [None]  # the latest of this forward pass
 
     def pack(tensor):
         if (tensor.device.type != device_type or tensor.untyped_storage().data_ptr() in weights
                 or tensor.numel() * tensor.element_size() < smallest):  # fmt: skip
             return tensor
-        host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pinned)
-        host.copy_(tensor, non_blocking=pinned)
-        return tensor.device, host
+        item = _Offloaded(tensor.device, torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=cuda), last[0])
+        if cuda:
+            copies.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(copies):
+                item.host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(copies)  # its memory is not reused before the copy has read it
+        else:
+            item.host.copy_(tensor)
+        last[0] = item
+        return item
 
-    def unpack(packed):
-        return packed[1].to(packed[0], non_blocking=pinned) if isinstance(packed, tuple) else packed
+    def fetch(item: _Offloaded) -> None:
+        if item.back is not None:
+            return
+        if not cuda:
+            item.back = item.host.clone()
+            return
+        with torch.cuda.stream(copies):
+            item.back = item.host.to(item.device, non_blocking=True)
+            item.ready = torch.cuda.Event()
+            item.ready.record(copies)
+
+    def unpack(item):
+        if not isinstance(item, _Offloaded):
+            return item
+        fetch(item)
+        if item.previous is not None:
+            fetch(item.previous)  # the layer before is recomputed next: its input comes back meanwhile
+            item.previous = None
+        back, item.back = item.back, None
+        if cuda:
+            torch.cuda.current_stream().wait_event(item.ready)
+            back.record_stream(torch.cuda.current_stream())
+        return back
+
+    def forward_begins(*_):
+        last[0] = None
+        hooks.__enter__()
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-    handles = [model.register_forward_pre_hook(lambda *_: hooks.__enter__()),
+    handles = [model.register_forward_pre_hook(forward_begins),
                model.register_forward_hook(lambda *_: hooks.__exit__(None, None, None), always_call=True)]  # fmt: skip
     return lambda: [handle.remove() for handle in handles]
 
