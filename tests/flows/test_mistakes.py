@@ -112,6 +112,10 @@ MISTAKES: dict[str, tuple[Edit, str]] = {
                    "passes.lora.training_args.per_device_train_batch_size: must be at least 1"),
     "negative-max-steps": (_training_args(max_steps=-5), "passes.lora.training_args.max_steps: must be positive"),
     "no-epochs": (_epochs_only, "passes.lora.training_args.num_train_epochs: must be more than 0"),
+    "offload-without-checkpointing": (_lora(offload_checkpoints=True),
+                                      "passes.lora.offload_checkpoints: keeps the inputs of checkpointed layers on "
+                                      "the host, and gradient checkpointing is off (set "
+                                      "training_args.gradient_checkpointing: true too)"),
     "rank-absurd": (_lora(r=100_000), "passes.lora.r: 100000 is more than the model's hidden size (64)"),
     "rank-a-boolean": (_lora(r=True), "passes.lora.r: Input should be a valid integer (got True)"),
     "rank-a-string": (_lora(r="8"), "passes.lora.r: Input should be a valid integer (got '8')"),
