@@ -590,7 +590,7 @@ def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError
         path = normalised.user_path(_dotted(loc))
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, UserError):
-            ours = f"{_dotted(loc)}.{cause.where}" if loc else cause.where
+            ours = cause.under(_dotted(loc)).where
             error = UserError(normalised.user_path(ours), cause.problem, cause.hint)
         elif err["type"] == "extra_forbidden":
             error = UserError(path, "unknown key", nearest(str(loc[-1]), allowed_keys(err["loc"][:-1])))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo, no_effect
 from olive_grove.tasks.data import DataConfig, DatasetSettings, load_rows, row_samples, sample_rows
@@ -42,9 +42,9 @@ RANKED = "olive-grove runs no search: every metric is reported, none ranks model
 class TimingConfig(Settings):
     """Olive's latency and throughput `metric_config`."""
 
-    warmup_num: int = Field(10, ge=0, description="untimed runs first")
-    repeat_test_num: int = Field(20, gt=0, description="timed runs")
-    sleep_num: float = Field(0, ge=0, description="seconds between timed runs")
+    warmup_num: int = Field(10, ge=0, le=10_000, description="untimed runs first")
+    repeat_test_num: int = Field(20, gt=0, le=10_000, description="timed runs")
+    sleep_num: float = Field(0, ge=0, le=60, description="seconds between timed runs")
 
 
 class SubMetric(Settings):
@@ -128,7 +128,19 @@ class Metric(Settings):
         return [f"{self.name}-{sub.name}" for sub in self.sub_types]
 
 
-class MetricsEvaluator(Settings):
+class EvaluatorSettings(Settings):
+    """What both kinds share: Olive's type names, in any case (as pass types)."""
+
+    @field_validator("type", mode="before", check_fields=False)
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        known = _evaluator_type({"type": value})
+        if known is None:
+            raise UserError("", f"unknown evaluator type {value!r}", nearest(str(value), EVALUATOR_TYPES))
+        return known
+
+
+class MetricsEvaluator(EvaluatorSettings):
     type: Literal["OliveEvaluator"] = "OliveEvaluator"
     metrics: list[Metric] = Field(min_length=1)
 
@@ -145,7 +157,7 @@ class MetricsEvaluator(Settings):
         return [m.data_config for m in self.metrics if isinstance(m.data_config, str)]
 
 
-class LMEvaluatorSettings(Settings):
+class LMEvaluatorSettings(EvaluatorSettings):
     """Olive's LMEvaluator: lm-eval-harness tasks, scored through our own model runners (HF and ONNX)."""
 
     type: Literal["LMEvaluator"]
@@ -170,14 +182,35 @@ class LMEvaluatorSettings(Settings):
     def data_names(self) -> list[str]:
         return []
 
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, limit: int | float | None) -> int | float | None:
+        if isinstance(limit, float) and limit >= 1 and not limit.is_integer():
+            raise UserError("", f"is {limit}", "a count of rows, or a fraction below 1")
+        return int(limit) if isinstance(limit, float) and limit >= 1 else limit
+
+    @field_validator("apply_chat_template")
+    @classmethod
+    def _the_tokenizers_template(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str):
+            raise UserError("", f"names a chat template ({value!r}); olive-grove applies the tokenizer's own",
+                            "true or false")  # fmt: skip
+        return value
+
+
+EVALUATOR_TYPES = ("OliveEvaluator", "LMEvaluator")
+
+
+def _evaluator_type(value: Any) -> str | None:
+    """An evaluator's type as Olive spells it, whatever its case (None: neither); a missing one is Olive's
+    metrics evaluator."""
+    given = value.get("type", EVALUATOR_TYPES[0]) if isinstance(value, dict) else getattr(value, "type", None)
+    return next((t for t in EVALUATOR_TYPES if str(given).lower() == t.lower()), None)
+
 
 Evaluator = Annotated[
     Union[Annotated[MetricsEvaluator, Tag("OliveEvaluator")], Annotated[LMEvaluatorSettings, Tag("LMEvaluator")]],  # noqa: UP007
-    Discriminator(
-        lambda v: (
-            "LMEvaluator" if (v.get("type") if isinstance(v, dict) else v.type) == "LMEvaluator" else "OliveEvaluator"
-        )
-    ),
+    Discriminator(lambda v: _evaluator_type(v) or "OliveEvaluator"),  # an unknown type: said by its `type`
 ]
 
 
@@ -418,7 +451,7 @@ def _number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except Exception:  # the user's object: a failing __float__, an int too large for a float
         return None
     return number if math.isfinite(number) else None
 
@@ -430,6 +463,11 @@ def load_user_function(script: str | None, name: str | None, script_dir: str | N
                         "the file that defines metric_func")  # fmt: skip
     if script_dir and script_dir not in sys.path:
         sys.path.insert(0, script_dir)
+    if script_dir:  # its modules afresh, as a new process would import them (a worker runs many evaluations)
+        root = Path(script_dir).resolve()
+        for module, loaded in list(sys.modules.items()):
+            if root in Path(getattr(loaded, "__file__", None) or "/").resolve().parents:
+                del sys.modules[module]
     spec = importlib.util.spec_from_file_location(f"olive_grove_user_{Path(script).stem}", script)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -42,6 +42,8 @@ def check_tasks(settings: LMEvaluatorSettings) -> None:
 
     for index, name in enumerate(settings.tasks):
         if name not in manager.all_tasks:
+            if settings.include_path:
+                check_task_files(Path(settings.include_path))
             raise UserError(f"tasks[{index}]", f"lm-eval has no task {name!r}",
                             nearest(name, manager.all_tasks) or "see `lm-eval ls tasks`")  # fmt: skip
         try:
@@ -56,6 +58,21 @@ def check_tasks(settings: LMEvaluatorSettings) -> None:
                 raise UserError("num_fewshot", f"is {settings.num_fewshot}, and lm-eval task {task_name!r} has "
                                 f"{pool} rows to draw examples from", f"at most {max(pool - 1, 0)}: the row "
                                 "asked about is not its own example")  # fmt: skip
+
+
+def check_task_files(folder: Path) -> None:
+    """Each task YAML under include_path loads: lm-eval leaves out one that does not, and its task would only
+    be missing."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout: the missing task is said as it is
+        return
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            load_yaml(path, resolve_func=False)
+        except Exception as exc:  # YAML's and lm-eval's own errors
+            raise UserError("include_path", f"{path} does not load: {type(exc).__name__}: {first_line(exc, 160)}",
+                            "fix the task file") from None  # fmt: skip
 
 
 def _tasks(loaded: dict) -> list[tuple[str, Any]]:

@@ -138,11 +138,26 @@ def test_a_custom_metric_func_gets_the_answers_and_the_expected_ones(tmp_path, t
     for body, line in [("return {'answered': float('nan'), 'rows': 5}",
                         "sub_types[0].name: tone_stats returned no finite number 'answered' (nan) (return a number "
                         "for each sub type)"),
+                       ("return {'answered': 10**400, 'rows': 5}",
+                        "sub_types[0].name: tone_stats returned no finite number 'answered' (1000000000000000000000"),
                        ("raise SystemExit(3)", "user_config.metric_func: tone_stats raised SystemExit: 3 (fix it in "
                         f"{tmp_path / 'metrics.py'})")]:  # fmt: skip
         (tmp_path / "metrics.py").write_text(f"def tone_stats(model_output, targets, unit=1):\n    {body}\n")
         result = grove("run", "--config", config)
-        assert (result.rc, result.errors) == (2, [f"error: evaluators.main.metrics[0].{line}"])
+        assert result.rc == 2 and len(result.errors) == 1, result.err[-2000:]
+        assert result.errors[0].startswith(f"error: evaluators.main.metrics[0].{line}")
+
+    # What the script imports from script_dir is part of what the evaluation's cache key sees.
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "share.py").write_text("ANSWERED = 0.75\n")
+    (tmp_path / "metrics.py").write_text("import share\ndef tone_stats(model_output, targets, unit=1):\n"
+                                         "    return {'answered': share.ANSWERED, 'rows': 1}\n")  # fmt: skip
+    tone["evaluators"]["main"]["metrics"][0]["user_config"]["script_dir"] = "lib"
+    config.write_text(json.dumps(tone))
+    assert grove("run", "--config", config).rc == 0
+    (tmp_path / "lib" / "share.py").write_text("ANSWERED = 0.5\n")
+    assert grove("run", "--config", config).rc == 0
+    assert read_report(config)["evaluation"]["main"]["stats-answered"] == {"base": 0.5, "merged": 0.5}
 
 
 MISTAKES = [
@@ -178,6 +193,25 @@ MISTAKES = [
     (
         {"evaluator": _accuracy(data_config="tone_tran")["main"]},  # in place: its errors are where it is written
         "error: evaluator.metrics[0].data_config: no data config named 'tone_tran' (did you mean 'tone_train'?)",
+    ),
+    (
+        {"evaluators": {"main": _accuracy()["main"] | {"type": "OliveEvaluatorX"}}},
+        "error: evaluators.main.type: unknown evaluator type 'OliveEvaluatorX' (did you mean 'OliveEvaluator'?)",
+    ),
+    (
+        {"evaluators": {"main": {"type": "LMEvaluator", "tasks": ["t"], "limit": 1.5}}},
+        "error: evaluators.main.limit: is 1.5 (a count of rows, or a fraction below 1)",
+    ),
+    (
+        {"evaluators": {"main": {"type": "LMEvaluator", "tasks": ["t"], "apply_chat_template": "tool_use"}}},
+        "error: evaluators.main.apply_chat_template: names a chat template ('tool_use'); olive-grove applies the "
+        "tokenizer's own (true or false)",
+    ),
+    (
+        {"evaluators": {"main": {"metrics": [{"name": "lat", "type": "latency", "data_config": "tone_train",
+                                              "sub_types": [{"name": "avg", "metric_config": {"sleep_num": 1e9}}]}]}}},
+        "error: evaluators.main.metrics[0].sub_types[0].metric_config.sleep_num: Input should be less than or equal "
+        "to 60",
     ),
     (
         {"engine": {"evaluator": "main"}},
@@ -258,12 +292,19 @@ def test_lm_evaluator_scores_lm_eval_tasks_on_every_model(tmp_path, tiny_phi3):
     assert list(row) == MODELS
     assert all(score * 12 == round(score * 12) and 0 <= score <= 1 for score in row.values())
 
-    lm["main"]["tasks"] = ["tone_choise"]
+    lm["main"].update(tasks=["tone_choise"], type="lmevaluator")  # a type in any case, as pass types
     config = _flat_project(tmp_path / "typo", tiny_phi3, lm)
     result = grove("validate", "--config", config)
     assert result.rc == 2
     assert result.errors == ["error: evaluators.main.tasks[0]: lm-eval has no task 'tone_choise' (did you mean "
                              "'tone_choice'?)"]  # fmt: skip
+
+    (tasks / "broken.yaml").write_text("task: broken\n  dataset_path: [unclosed\n")
+    lm["main"]["tasks"] = ["broken"]
+    result = grove("validate", "--config", _flat_project(tmp_path / "broken", tiny_phi3, lm))
+    assert result.rc == 2
+    assert result.errors[0].startswith(f"error: evaluators.main.include_path: {tasks / 'broken.yaml'} does not load: ")
+    (tasks / "broken.yaml").unlink()
 
     lm["main"].update(tasks=["tone_choice"], num_fewshot=24)  # as many as the task's rows: none left to ask
     result = grove("validate", "--config", _flat_project(tmp_path / "shots", tiny_phi3, lm))
