@@ -18,10 +18,11 @@ def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
     results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short",
                           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])  # fmt: skip
     assert [r.name for r in results] == ["lora-2048", "lora-short"]
-    data = json.loads((tmp_path / "results" / "tiny-cpu-train.json").read_text())
+    data = json.loads((tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short.json").read_text())  # its cases
     for case in data["cases"]:
         assert {"name", "ours_tok_s", "baseline_tok_s", "speedup", "mfu", "peak_gib", "baseline_peak_gib"} <= set(case)
         assert case["ours_tok_s"] > 0 and case["baseline_tok_s"] > 0
+        assert case["peers"] == {"liger": {"error": "needs a CUDA GPU"}, "unsloth": {"error": "needs a CUDA GPU"}}
     assert "baseline tok/s" in capsys.readouterr().out
 
 
