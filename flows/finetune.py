@@ -25,6 +25,7 @@ from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact
 from olive_grove.tasks.data import fingerprint_data
 from olive_grove.tasks.errors import UserError
+from olive_grove.tasks.evaluators import Evaluator
 from olive_grove.tasks.files import hash_files
 from olive_grove.tasks.passes import EVALUATE_MODEL, MEASURE_MODEL, PASS_TYPES, PREPARE_DATASET, Step
 from olive_grove.tasks.quality import QualitySettings
@@ -59,8 +60,8 @@ class StepRunner:
         return why is not None
 
     def _model_after(self, pass_name: str) -> bool:
-        later = list(self.cfg.passes)[list(self.cfg.passes).index(pass_name) + 1 :]
-        return any(PASS_TYPES[self.cfg.passes[name].type].gives != "adapter" for name in later)
+        names = list(self.cfg.passes)
+        return any(PASS_TYPES[self.cfg.passes[n].type].gives != "adapter" for n in names[names.index(pass_name) + 1 :])
 
     def run(self, step: Step, settings: Any, label: str, where: dict[str, str], **inputs: Artifact | None) -> Artifact:
         """Run a cached step; `where` maps the start of an error's key to its section of the config."""
@@ -165,22 +166,29 @@ def evaluate(steps: StepRunner, models: dict[str, tuple[str | None, Artifact]]) 
     """Each model's evaluator (its pass's own, else the engine's; the base model's is the engine's, unless
     engine.evaluate_input_model is false): one cached step per evaluator and model. Returns the answers
     each gave, by their folder in engine.output_dir (`evaluation/<evaluator>/<model>/`)."""
-    cfg, answers = steps.cfg, {}
+    cfg, answers, prepared = steps.cfg, {}, {}
     for label, (pass_name, artifact) in models.items():
         chosen = cfg.evaluator_of(pass_name)
         if chosen is None or (pass_name is None and not cfg.engine.evaluate_input_model):
             continue
         name, evaluator = chosen
-        where = {"": cfg.evaluator_key(name)} | {
-            f"metrics[{index}].data_config": cfg.data_where(metric.data_config)
-            for index, metric in enumerate(getattr(evaluator, "metrics", []))
-            if isinstance(metric.data_config, str)
-        }
-        done = steps.run(EVALUATE_MODEL, evaluation_settings(cfg, name, evaluator), f"evaluate/{name}/{label}",
-                         where, model=artifact)  # fmt: skip
+        if name not in prepared:  # its data and scripts are fingerprinted once, whatever the models it evaluates
+            prepared[name] = (evaluation_settings(cfg, name, evaluator), _evaluator_sections(cfg, name, evaluator))
+        settings, where = prepared[name]
+        done = steps.run(EVALUATE_MODEL, settings, f"evaluate/{name}/{label}", where, model=artifact)
         if done.info.predictions:
             answers[f"evaluation/{name}/{label}"] = done
     return answers
+
+
+def _evaluator_sections(cfg: RunConfig, name: str, evaluator: Evaluator) -> dict[str, str]:
+    """Where an evaluation step's mistakes go: the evaluator's key, and for a metric's named data config,
+    that data config's."""
+    return {"": cfg.evaluator_key(name)} | {
+        f"metrics[{index}].data_config": cfg.data_where(metric.data_config)
+        for index, metric in enumerate(getattr(evaluator, "metrics", []))
+        if isinstance(metric.data_config, str)
+    }
 
 
 def input_adapter(cfg: RunConfig) -> Artifact[AdapterInfo] | None:

@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -134,7 +135,7 @@ class EvaluatorSettings(Settings):
     @field_validator("type", mode="before", check_fields=False)
     @classmethod
     def _any_case(cls, value: Any) -> Any:
-        known = _evaluator_type({"type": value})
+        known = _known_type(value)
         if known is None:
             raise UserError("", f"unknown evaluator type {value!r}", nearest(str(value), EVALUATOR_TYPES))
         return known
@@ -201,11 +202,15 @@ class LMEvaluatorSettings(EvaluatorSettings):
 EVALUATOR_TYPES = ("OliveEvaluator", "LMEvaluator")
 
 
-def _evaluator_type(value: Any) -> str | None:
-    """An evaluator's type as Olive spells it, whatever its case (None: neither); a missing one is Olive's
-    metrics evaluator."""
-    given = value.get("type", EVALUATOR_TYPES[0]) if isinstance(value, dict) else getattr(value, "type", None)
+def _known_type(given: Any) -> str | None:
+    """An evaluator type as Olive spells it, whatever its case (None: neither)."""
     return next((t for t in EVALUATOR_TYPES if str(given).lower() == t.lower()), None)
+
+
+def _evaluator_type(value: Any) -> str | None:
+    """The type of an evaluator (raw or validated); a missing one is Olive's metrics evaluator."""
+    given = value.get("type", EVALUATOR_TYPES[0]) if isinstance(value, dict) else getattr(value, "type", None)
+    return _known_type(given)
 
 
 Evaluator = Annotated[
@@ -464,9 +469,9 @@ def load_user_function(script: str | None, name: str | None, script_dir: str | N
     if script_dir and script_dir not in sys.path:
         sys.path.insert(0, script_dir)
     if script_dir:  # its modules afresh, as a new process would import them (a worker runs many evaluations)
-        root = Path(script_dir).resolve()
+        inside = os.path.join(os.path.abspath(script_dir), "")  # as the import system names files found there
         for module, loaded in list(sys.modules.items()):
-            if root in Path(getattr(loaded, "__file__", None) or "/").resolve().parents:
+            if (getattr(loaded, "__file__", None) or "").startswith(inside):
                 del sys.modules[module]
     spec = importlib.util.spec_from_file_location(f"olive_grove_user_{Path(script).stem}", script)
     module = importlib.util.module_from_spec(spec)

@@ -52,9 +52,9 @@ def check_tasks(settings: LMEvaluatorSettings) -> None:
             raise UserError(f"tasks[{index}]", f"lm-eval cannot load the data of {name!r}: "
                             f"{first_line(exc, 160)}", "put it in the Hugging Face datasets cache, or give "
                             "include_path a task over local files") from None  # fmt: skip
-        for task_name, task in _tasks(loaded):
-            pool = len(task.fewshot_docs() or []) if settings.num_fewshot else 0
-            if settings.num_fewshot and settings.num_fewshot >= pool:
+        for task_name, task in _tasks(loaded) if settings.num_fewshot else []:
+            pool = len(task.fewshot_docs() or [])
+            if settings.num_fewshot >= pool:
                 raise UserError("num_fewshot", f"is {settings.num_fewshot}, and lm-eval task {task_name!r} has "
                                 f"{pool} rows to draw examples from", f"at most {max(pool - 1, 0)}: the row "
                                 "asked about is not its own example")  # fmt: skip

@@ -131,13 +131,13 @@ class _Offloaded:
         self.back, self.ready = None, None
 
 
-def offload_saved_tensors(model, device_type: str = "cuda", smallest: int = OFFLOAD_BYTES) -> Callable[[], None]:
+def offload_saved_tensors(model, device_type: str = "cuda", smallest: int = OFFLOAD_BYTES) -> None:
     """Tensors autograd saves during the model's forward pass wait in host memory for the backward pass. With
     gradient checkpointing those are each layer's input and the loss's; the model's own weights, and tensors
     under `smallest` bytes, stay put. On CUDA the copies run on a stream of their own into pinned memory, and
     the backward pass brings back each layer's input while the layer after it is recomputed, so neither
     direction holds up the compute stream. `device_type` is the device whose tensors move (a test moves CPU
-    tensors to other CPU memory). Returns what removes it again."""
+    tensors to other CPU memory)."""
     import torch
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -189,9 +189,8 @@ def offload_saved_tensors(model, device_type: str = "cuda", smallest: int = OFFL
         hooks.__enter__()
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-    handles = [model.register_forward_pre_hook(forward_begins),
-               model.register_forward_hook(lambda *_: hooks.__exit__(None, None, None), always_call=True)]  # fmt: skip
-    return lambda: [handle.remove() for handle in handles]
+    model.register_forward_pre_hook(forward_begins)
+    model.register_forward_hook(lambda *_: hooks.__exit__(None, None, None), always_call=True)
 
 
 def mark_graph_steps(model) -> None:
