@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ from pydantic import Field
 
 from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact, PassSettings, Reporter, Settings, StepFiles, StepInfo
+from olive_grove.tasks.builder_memory import float_weights_on_disk
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.models import ModelFacts, ModelInfo
 
@@ -118,6 +120,17 @@ def builder_options(settings: ModelBuilderSettings) -> list[str]:
     return [f"{k}={v}" for k, v in options.items()]
 
 
+def builder_call(
+    settings: ModelBuilderSettings, model_dir: Path, out: Path, cache: Path, extra: Sequence[str] = ()
+) -> tuple[tuple, dict[str, Any]]:
+    """The arguments of ModelBuilder's `create_model` for these settings, as its own command line makes them
+    (its parser prints them: call it where the builder's output goes)."""
+    from onnxruntime_genai.models.builder import parse_extra_options
+
+    args = (None, str(model_dir), str(out), settings.precision, settings.provider, str(cache))
+    return args, parse_extra_options(*args, [*builder_options(settings), *extra])
+
+
 def _text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -141,22 +154,22 @@ def build_onnx_model(
     """Run ModelBuilder in-process on a local HF model folder; its chatter and progress bars go to builder.log.
 
     With an adapter, the model keeps its LoRA layers unmerged (Olive's adapter_path), in float whatever the
-    precision, so that ExtractAdapters can make them swappable.
+    precision, so that ExtractAdapters can make them swappable. Quantized builds keep their float weights in
+    the work folder while they are quantized (builder_memory: a third of the host memory for Phi-3-mini).
     """
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    from onnxruntime_genai.models.builder import create_model
 
     provider = settings.provider
     files.work.mkdir(parents=True, exist_ok=True)
-    args = (None, model.path, str(files.out), settings.precision, provider, str(files.work / "hf-cache"))
-    options = builder_options(settings) + (
-        lora_options(Path(model.path), Path(adapter.path), settings) if adapter else []
-    )
+    extra = lora_options(Path(model.path), Path(adapter.path), settings) if adapter else []
     with (
         (files.work / "builder.log").open("w") as log,
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
+        float_weights_on_disk(files.work / "float-weights"),
     ):
-        create_model(*args, **parse_extra_options(*args, options))
+        args, kwargs = builder_call(settings, Path(model.path), files.out, files.work / "hf-cache", extra)
+        create_model(*args, **kwargs)
     if settings.search:
         _set_search_options(files.out / "genai_config.json", settings.search.model_dump(exclude_none=True))
     report.log(f"built {settings.precision} ONNX model for {provider}" + (" with LoRA layers" if adapter else ""))

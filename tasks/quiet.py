@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 # Modules whose UserWarnings, FutureWarnings and DeprecationWarnings are about their own internals.
 NOISY_MODULES = r"(torch|transformers|peft|accelerate|bitsandbytes|datasets|onnx|onnx_ir|onnxruntime_genai)\b.*"
-# azure.identity logs each credential it tried; the one-line error already says what to do.
-NOISY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "bitsandbytes", "onnx_ir", "httpx", "azure")
+# azure.identity logs each credential it tried (the one-line error already says what to do); ONNX Runtime's
+# quantizer logs two lines for each weight it quantizes.
+NOISY_LOGGERS = ("transformers", "datasets", "peft", "accelerate", "bitsandbytes", "onnx_ir", "onnxruntime",
+                 "httpx", "azure")  # fmt: skip
 
 
 def quiet_library_defaults() -> None:

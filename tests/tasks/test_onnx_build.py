@@ -11,7 +11,7 @@ from grove_helpers import Recorder, model_artifact, step_files
 
 from olive_grove.tasks.errors import UserError
 from olive_grove.tasks.inference import generate, model_kind
-from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_options
+from olive_grove.tasks.onnx_build import ModelBuilderSettings, build_onnx_model, builder_call, builder_options
 
 
 def _matmul_nbits(folder: Path) -> list[dict]:
@@ -93,6 +93,25 @@ def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, t
     assert {n["block_size"] for n in nodes} == {32}
     assert {n["accuracy_level"] for n in nodes} == {1}
     assert {n["bits"] for n in nodes} == {4}
+
+
+@pytest.mark.parametrize("options", [{"precision": "int4"}, {"precision": "int4", "use_qdq": True},
+                                     {"precision": "int4", "int4_algo_config": "k_quant"},
+                                     {"precision": "int8", "execution_provider": "cuda"}])  # fmt: skip
+def test_quantized_builds_with_weights_on_disk_are_the_builders_own_bytes(options, tiny_phi3: Path, tmp_path: Path):
+    """The step quantizes the float weights from a scratch file (to keep host memory down); what it writes is
+    byte for byte what ModelBuilder writes on its own, holding them all in memory."""
+    from onnxruntime_genai.models.builder import create_model
+
+    settings = ModelBuilderSettings(**options)
+    args, kwargs = builder_call(settings, tiny_phi3, tmp_path / "plain", tmp_path / "cache")
+    create_model(*args, **kwargs)
+    out, _ = build(settings, tiny_phi3, tmp_path / "step")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (out / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert ops & {"MatMulNBits", "DequantizeLinear"}, "quantized"
+    assert not (tmp_path / "step" / "work" / "float-weights").exists()
 
 
 def test_metadata_only_writes_config_without_weights(tiny_phi3: Path, tmp_path: Path):
