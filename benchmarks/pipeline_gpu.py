@@ -13,13 +13,18 @@ is not counted (ModelBuilder quantizes on the CPU).
 
     python benchmarks/pipeline_gpu.py                   # on a GPU: Phi-3-mini's shape, the guide's 10 steps
     python benchmarks/pipeline_gpu.py --tiny --steps 2  # anywhere: a tiny model, a smoke test
+    python benchmarks/pipeline_gpu.py --builds-only     # a CPU machine: the two int4 builds of the random model
+    python benchmarks/pipeline_gpu.py --builder-alone   # beside each build, ModelBuilder's own (all in memory)
 
-Prints a markdown table and writes benchmarks/results/<gpu>-pipeline.json (tiny-<gpu>-... with --tiny).
+Prints a markdown table and writes benchmarks/results/<gpu>-pipeline.json (tiny-<gpu>-... with --tiny,
+<gpu>-pipeline-builds.json with --builds-only: the random model is the merged model's shape and dtype, so
+its builds need what the merged model's do, without training it on a machine that cannot).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import shutil
@@ -29,18 +34,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.train_throughput import phi3_mini_config
 from olive_grove.flows.config import RunConfig, load_run_config
 from olive_grove.flows.project import corpus_lines
+from olive_grove.tasks import onnx_build
 from olive_grove.tasks.adapters import AdapterInfo
 from olive_grove.tasks.artifact import Artifact, Reporter, StepFiles, StepInfo
 from olive_grove.tasks.data import DatasetInfo, fingerprint_data
 from olive_grove.tasks.merge import MergedInfo
 from olive_grove.tasks.models import ModelInfo
-from olive_grove.tasks.onnx_build import OnnxInfo
+from olive_grove.tasks.onnx_build import ModelBuilderSettings, OnnxInfo
 from olive_grove.tasks.passes import BUILD_ONNX_MODEL, PASS_TYPES, PREPARE_DATASET, Step
 from olive_grove.tasks.quiet import quiet_libraries, quiet_library_defaults
 from olive_grove.tasks.tiny_model import train_tokenizer
@@ -62,6 +69,16 @@ class Job:
     gives: type[StepInfo]
 
 
+def builder_alone(settings: ModelBuilderSettings, files: StepFiles, report: Reporter, *, model) -> OnnxInfo:
+    """The step with ModelBuilder saving as it does on its own, every float weight in memory as it quantizes
+    (no scratch file): the host peak the scratch file saves, side by side."""
+    with mock.patch.object(onnx_build, "float_weights_on_disk", lambda scratch: contextlib.nullcontext()):
+        return onnx_build.build_onnx_model(settings, files, report, model=model)
+
+
+BUILDER_ALONE = Step(builder_alone, version="benchmark")
+
+
 def load_guide(state: dict[str, Any]) -> RunConfig:
     """The guide's config on the random model, trained in one process: several GPUs would train in torchrun
     processes whose memory the step's process does not see."""
@@ -69,7 +86,7 @@ def load_guide(state: dict[str, Any]) -> RunConfig:
     return load_run_config(GUIDE, overrides, training_args=state["training_args"])[0]
 
 
-def plan(cfg: RunConfig) -> list[Job]:
+def plan(cfg: RunConfig, builds_only: bool = False, builder_alone: bool = False) -> list[Job]:
     """The guide's three passes as `run_passes` walks them (it imports Prefect, so its walk is written out
     here for these passes: the dataset step the LoRA pass asks for, then each pass on what the one before
     left), with the int4 build made once for CUDA and once for CPU."""
@@ -77,12 +94,19 @@ def plan(cfg: RunConfig) -> list[Job]:
     data_configs = {d.name: d for d in cfg.data_configs}
     fingerprints = {name: fingerprint_data(data_configs[name]) for name in lora.data_config_names().values()}
     dataset = lora.datasets(data_configs, fingerprints)["dataset"]
-    builds = [builder.model_copy(update={"execution_provider": ep}) for ep in ("cuda", "cpu")]
+    built = "input" if builds_only else "merge"
+    variants = [(BUILD_ONNX_MODEL, ""), *([(BUILDER_ALONE, "-builder-alone")] if builder_alone else [])]
+    builds = []
+    for ep in ("cuda", "cpu"):
+        b = builder.model_copy(update={"execution_provider": ep})
+        builds += [Job(f"{b.precision}-{ep}{suffix}", step, b, {"model": built}, OnnxInfo) for step, suffix in variants]
+    if builds_only:
+        return builds
     return [
         Job("dataset", PREPARE_DATASET, dataset, {"model": "input"}, DatasetInfo),
         Job("lora", PASS_TYPES[lora.type].step, lora, {"model": "input", "dataset": "dataset"}, AdapterInfo),
         Job("merge", PASS_TYPES[merge.type].step, merge, {"model": "input", "adapter": "lora"}, MergedInfo),
-        *(Job(f"{b.precision}-{b.provider}", BUILD_ONNX_MODEL, b, {"model": "merge"}, OnnxInfo) for b in builds),
+        *builds,
     ]
 
 
@@ -94,7 +118,7 @@ def run_job(name: str, state_path: Path) -> None:
     import torch
 
     state = json.loads(state_path.read_text())
-    jobs = {job.name: job for job in plan(load_guide(state))}
+    jobs = {job.name: job for job in plan(load_guide(state), state["builds_only"], state["builder_alone"])}
     job = jobs[name]
     kinds = {"input": ModelInfo, **{j.name: j.gives for j in jobs.values()}}
     inputs = {arg: Artifact[kinds[src]].model_validate(state["artifacts"][src]) for arg, src in job.inputs.items()}
@@ -148,19 +172,21 @@ def save_model(work: Path, tiny: bool) -> Path:
     return folder
 
 
-def run_pipeline(model: Path, work: Path, max_steps: int | None) -> list[dict[str, Any]]:
+def run_pipeline(model: Path, work: Path, max_steps: int | None, builds_only: bool,
+                 builder_alone: bool) -> list[dict[str, Any]]:  # fmt: skip
     """Each step in a child process of its own, handed the Artifacts the ones before it wrote."""
     steps_dir = work / "steps"
     shutil.rmtree(steps_dir, ignore_errors=True)  # training would resume from an earlier run's checkpoints
     steps_dir.mkdir(parents=True)
     state: dict[str, Any] = {"model": str(model), "work": str(steps_dir),
-                             "training_args": {"max_steps": max_steps} if max_steps else None}  # fmt: skip
+                             "training_args": {"max_steps": max_steps} if max_steps else None,
+                             "builds_only": builds_only, "builder_alone": builder_alone}  # fmt: skip
     cfg = load_guide(state)
     source = cfg.model_source()
     info = ModelInfo(source="local", name=source.name, trust_remote_code=source.trust_remote_code)
     state["artifacts"] = {"input": Artifact(path=str(model), fingerprint="benchmark:input", info=info).model_dump()}
     state_path, rows = steps_dir / "state.json", []
-    for job in plan(cfg):
+    for job in plan(cfg, builds_only, builder_alone):
         state_path.write_text(json.dumps(state))
         print(f"{job.name} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--step", job.name, "--state", str(state_path)], check=True)
@@ -197,6 +223,12 @@ def print_table(rows: list[dict[str, Any]], gpu: str, target: dict[str, Any]) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
+    parser.add_argument("--builds-only", action="store_true", help="only the int4 builds, of the random model")
+    parser.add_argument(
+        "--builder-alone",
+        action="store_true",
+        help="beside each build, ModelBuilder's own, every weight in memory: the host peak it saves",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training max_steps; default: the guide's")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-pipeline"))
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    rows = run_pipeline(save_model(opts.work, opts.tiny), opts.work, opts.steps)
+    rows = run_pipeline(save_model(opts.work, opts.tiny), opts.work, opts.steps, opts.builds_only, opts.builder_alone)
     shape = phi3_mini_config(opts.tiny)
     target = goal(rows, opts.tiny)
     summary = {
@@ -226,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows, gpu, target)
     opts.out.mkdir(parents=True, exist_ok=True)
     name = gpu.split()[1].lower() if torch.cuda.is_available() else "cpu"
-    file = opts.out / f"{'tiny-' if opts.tiny else ''}{name}-pipeline.json"
+    file = opts.out / f"{'tiny-' if opts.tiny else ''}{name}-pipeline{'-builds' if opts.builds_only else ''}.json"
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
     return summary

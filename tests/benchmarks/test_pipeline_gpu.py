@@ -11,11 +11,14 @@ from grove_helpers import load_benchmark
 
 def test_tiny_pipeline_measures_every_step(tmp_path: Path, capsys):
     bench = load_benchmark("pipeline_gpu")
-    bench.main(["--tiny", "--steps", "2", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])
+    bench.main(["--tiny", "--steps", "2", "--builder-alone", "--out", str(tmp_path / "results"),
+                "--work", str(tmp_path / "work")])  # fmt: skip
     [written] = (tmp_path / "results").glob("tiny-*-pipeline.json")  # tiny-cpu-... here, tiny-h200-... on a GPU
     data = json.loads(written.read_text())
     steps = {row["step"]: row for row in data["steps"]}
-    assert list(steps) == ["dataset", "lora", "merge", "int4-cuda", "int4-cpu"]
+    assert list(steps) == ["dataset", "lora", "merge", "int4-cuda", "int4-cuda-builder-alone", "int4-cpu",
+                           "int4-cpu-builder-alone"]  # fmt: skip
+    assert steps["int4-cpu"]["info"]["size_bytes"] == steps["int4-cpu-builder-alone"]["info"]["size_bytes"]
     for row in steps.values():
         assert row["seconds"] > 0 and row["host_peak_gib"] > 0
     assert steps["lora"]["info"]["steps"] == 2
