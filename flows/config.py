@@ -18,7 +18,7 @@ from olive_grove.flows.config_file import apply_overrides, checked_mapping, read
 from olive_grove.flows.olive_compat import RENAMED_KEYS, Normalised, normalise
 from olive_grove.tasks.artifact import Settings, no_effect
 from olive_grove.tasks.data import AzureMLDatastore, DataConfig, listed_files
-from olive_grove.tasks.errors import UserError, UserErrors, nearest, shown
+from olive_grove.tasks.errors import UserError, UserErrors, each_once, nearest, shown
 from olive_grove.tasks.evaluators import Evaluator, Metric
 from olive_grove.tasks.models import ModelSource
 from olive_grove.tasks.onnx_build import EXECUTION_PROVIDERS, ModelBuilderSettings
@@ -188,10 +188,7 @@ class RunConfig(Settings):
     @model_validator(mode="after")
     def _cross_references(self) -> RunConfig:
         names = [d.name for d in self.data_configs]
-        for index, name in enumerate(names):
-            if name in names[:index]:
-                raise UserError(f"data_configs[{index}].name", f"'{name}' names an earlier data config too",
-                                "give each data config its own name")  # fmt: skip
+        each_once(names, "data_configs", "names an earlier data config too", "give each data config its own name")
         for name, settings in self.passes.items():
             for key, ref in settings.data_config_names().items():
                 if ref not in names:

@@ -33,6 +33,14 @@ class UserError(ValueError):
         return type(self)(prefix + where if self.where else prefix, self.problem, self.hint)
 
 
+def each_once(names: list[str], key: str, repeated: str, hint: str) -> None:
+    """A UserError at the first name that an earlier entry has too: `key` is the list's key ("metrics"),
+    `repeated` what is said of the name ("names an earlier metric too")."""
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise UserError(f"{key}[{index}].name", f"'{name}' {repeated}", hint)
+
+
 class UserErrors(UserError):
     """Several user mistakes found at once, reported one line each."""
 

@@ -27,7 +27,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from olive_grove.tasks.artifact import Artifact, Reporter, Settings, StepFiles, StepInfo, no_effect
 from olive_grove.tasks.data import DataConfig, DatasetSettings, load_rows, row_samples, sample_rows
-from olive_grove.tasks.errors import UserError, first_line, located, nearest
+from olive_grove.tasks.errors import UserError, each_once, first_line, located, nearest
 from olive_grove.tasks.quality import perplexity, scored_tokens
 from olive_grove.tasks.runners import Runner, open_runner
 
@@ -96,11 +96,11 @@ class Metric(Settings):
         if not self.sub_types and self.type in DEFAULT_SUB_TYPES:
             self.sub_types = [SubMetric(name=DEFAULT_SUB_TYPES[self.type])]
         allowed = {"accuracy": ACCURACY, "latency": TIMING, "throughput": TIMING, "size_on_disk": ("bytes",)}
-        for index, sub in enumerate(self.sub_types):
+        for sub in self.sub_types:
             if sub.name == "accuracy":
                 sub.name = "accuracy_score"  # some Olive configs spell it so
-            if sub.name in [s.name for s in self.sub_types[:index]]:
-                raise UserError(f"sub_types[{index}].name", f"'{sub.name}' is an earlier sub type too", "list it once")
+        each_once([sub.name for sub in self.sub_types], "sub_types", "is an earlier sub type too", "list it once")
+        for index, sub in enumerate(self.sub_types):
             if self.type in allowed and sub.name not in allowed[self.type]:
                 raise UserError(f"sub_types[{index}].name", f"olive-grove does not measure {sub.name!r} for "
                                 f"{self.type}", nearest(sub.name, allowed[self.type]))  # fmt: skip
@@ -147,11 +147,8 @@ class MetricsEvaluator(EvaluatorSettings):
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetricsEvaluator:
-        names = [m.name for m in self.metrics]
-        for index, name in enumerate(names):
-            if name in names[:index]:
-                raise UserError(f"metrics[{index}].name", f"'{name}' names an earlier metric too",
-                                "give each metric its own name")  # fmt: skip
+        each_once([m.name for m in self.metrics], "metrics", "names an earlier metric too",
+                  "give each metric its own name")  # fmt: skip
         return self
 
     def data_names(self) -> list[str]:

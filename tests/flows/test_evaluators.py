@@ -222,6 +222,10 @@ MISTAKES = [
         "error: evaluators.main.metrics[0].sub_types[1].name: 'f1_score' is an earlier sub type too (list it once)",
     ),
     (
+        {"evaluators": {"main": {"metrics": [*_accuracy()["main"]["metrics"], *_accuracy()["main"]["metrics"]]}}},
+        "error: evaluators.main.metrics[1].name: 'tone' names an earlier metric too (give each metric its own name)",
+    ),
+    (
         {"evaluators": _accuracy(name="")},
         "error: evaluators.main.metrics[0].name: String should have at least 1 character (got '')",
     ),
