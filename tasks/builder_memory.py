@@ -5,12 +5,13 @@ ModelBuilder quantizes when it saves: it serializes the whole float model into o
 model those weights are read from is still held, and hands that proto to ONNX Runtime's
 MatMulNBitsQuantizer. Its host peak is the two together (26.7 GiB for Phi-3-mini for CPU, more than a
 24 GiB machine has). Writing the float graph to a scratch file first, one tensor at a time, and pointing
-the graph's weights at that file lets the Hugging Face model go, and the quantizer then reads each weight
+the MatMul weights at that file lets the Hugging Face model go, and the quantizer then reads each of them
 from disk as it quantizes it. The same bytes come out; the cost is the scratch file's size in disk space.
 
-Only the builder's default quantizer (MLAS round-to-nearest) reads weights by such references; the `rtn` and
-`k_quant` algorithms read them through onnx's loader, which refuses a file outside the model's folder, so
-those builds quantize in memory as the builder does.
+The references are absolute paths, which only the default quantizer's MatMul path reads (through onnx_ir);
+onnx's own loader, which the `rtn` and `k_quant` algorithms and Gather quantization use, refuses a file
+outside the model's folder. So weights any other node reads stay in memory (the embedding: a few hundred
+MB), and rtn and k_quant builds quantize in memory as the builder does.
 """
 
 from __future__ import annotations
@@ -18,42 +19,54 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-# One build at a time patches the builder (and two at once would hold two models in memory anyway).
-_BUILD_LOCK = threading.Lock()
-
 
 @contextlib.contextmanager
-def float_weights_on_disk(scratch: Path) -> Iterator[None]:
-    """While it is open, ModelBuilder's quantized builds spill their float weights to `scratch`, which is
-    removed afterwards. Builds that do not quantize (fp16, bf16, fp32) save as they always have."""
+def float_weights_on_disk(scratch: Path) -> Iterator[list[str]]:
+    """While it is open, ModelBuilder's quantized builds spill their MatMul weights to `scratch`, removed
+    afterwards. It yields a list that gets a line for each build that could not spill (a full or read-only
+    disk), which then quantizes in memory as the builder does. One build at a time: it patches the builder's
+    class for the whole process."""
     import onnx_ir as ir
     from onnxruntime_genai.models import builder
 
     model_class = builder.Model  # the class the builder's own models derive from (imported as `builders`)
     save_model = model_class.save_model
     quantized = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}
+    spilled: list[Path] = []
+    not_spilled: list[str] = []
 
     def spilling_save_model(self, out_dir):
-        if getattr(self, "onnx_dtype", None) in quantized and getattr(self, "quantization_algo", None) == "default":
-            _spill(self.model, scratch / f"{self.filename}.float")
+        prequantized_qdq = getattr(self, "quant_type", None) is not None and self.quant_attrs.get("use_qdq")
+        default_algo = getattr(self, "quantization_algo", None) == "default"
+        if getattr(self, "onnx_dtype", None) in quantized and default_algo and not prequantized_qdq:
+            folder = scratch / f"{self.filename}.float"
+            spilled.append(folder)
+            try:
+                _spill(self.model, folder)
+            except OSError as error:
+                shutil.rmtree(folder, ignore_errors=True)
+                not_spilled.append(f"could not write the float weights to {folder} ({error.strerror or error}): "
+                                   "quantized them in memory")  # fmt: skip
         return save_model(self, out_dir)
 
-    with _BUILD_LOCK:
-        model_class.save_model = spilling_save_model
-        try:
-            yield
-        finally:
-            model_class.save_model = save_model
-            shutil.rmtree(scratch, ignore_errors=True)
+    model_class.save_model = spilling_save_model
+    try:
+        yield not_spilled
+    finally:
+        model_class.save_model = save_model
+        for folder in spilled:
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            scratch.rmdir()  # a link to another disk stays, and so does anything else the folder holds
 
 
 def _spill(model, folder: Path) -> None:
-    """Write `model` to `folder` and swap each of its top-level weights for a reference to the written file,
-    by absolute path: the quantizer reads the references it is handed without knowing where the model lives."""
+    """Write `model` to `folder` and swap each weight that only MatMuls read for a reference to the written
+    file, by absolute path: the quantizer reads the references it is handed without knowing where the model
+    lives. The graph is untouched until the file is whole."""
     import onnx_ir as ir
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,7 +75,8 @@ def _spill(model, folder: Path) -> None:
     written = ir.load(path).graph.initializers
     for name, value in model.graph.initializers.items():
         tensor = written[name].const_value
-        if isinstance(tensor, ir.ExternalTensor):
+        readers = {node.op_type for node, _ in value.uses()}
+        if readers == {"MatMul"} and isinstance(tensor, ir.ExternalTensor):
             value.const_value = ir.ExternalTensor(tensor.path, tensor.offset, tensor.length, tensor.dtype,
                                                   shape=tensor.shape, name=tensor.name)  # fmt: skip
     gc.collect()  # the lazily cast weights held the Hugging Face model's tensors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +144,11 @@ class OnnxInfo(StepInfo):
     adapter_fingerprint: str | None = Field(None, description="the adapter whose LoRA layers it holds, unmerged")
 
 
+# ModelBuilder prints to the process's stdout (redirected to the step's log while it runs) and its class is
+# patched while it saves: two builds in one process (steps in threads) take turns.
+ONE_BUILD_AT_A_TIME = threading.Lock()
+
+
 def build_onnx_model(
     settings: ModelBuilderSettings,
     files: StepFiles,
@@ -163,13 +169,16 @@ def build_onnx_model(
     files.work.mkdir(parents=True, exist_ok=True)
     extra = lora_options(Path(model.path), Path(adapter.path), settings) if adapter else []
     with (
+        ONE_BUILD_AT_A_TIME,
         (files.work / "builder.log").open("w") as log,
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
-        float_weights_on_disk(files.work / "float-weights"),
+        float_weights_on_disk(files.work / "float-weights") as not_spilled,
     ):
         args, kwargs = builder_call(settings, Path(model.path), files.out, files.work / "hf-cache", extra)
         create_model(*args, **kwargs)
+    for line in not_spilled:
+        report.log(line)
     if settings.search:
         _set_search_options(files.out / "genai_config.json", settings.search.model_dump(exclude_none=True))
     report.log(f"built {settings.precision} ONNX model for {provider}" + (" with LoRA layers" if adapter else ""))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -95,23 +97,71 @@ def test_int4_block_size_and_accuracy_level_reach_the_builder(tiny_phi3: Path, t
     assert {n["bits"] for n in nodes} == {4}
 
 
-@pytest.mark.parametrize("options", [{"precision": "int4"}, {"precision": "int4", "use_qdq": True},
-                                     {"precision": "int4", "int4_algo_config": "k_quant"},
-                                     {"precision": "int8", "execution_provider": "cuda"}])  # fmt: skip
-def test_quantized_builds_with_weights_on_disk_are_the_builders_own_bytes(options, tiny_phi3: Path, tmp_path: Path):
-    """The step quantizes the float weights from a scratch file (to keep host memory down); what it writes is
-    byte for byte what ModelBuilder writes on its own, holding them all in memory."""
+def builder_alone(settings: ModelBuilderSettings, model: Path, out: Path) -> Path:
+    """ModelBuilder on its own, every float weight in memory as it quantizes."""
     from onnxruntime_genai.models.builder import create_model
 
-    settings = ModelBuilderSettings(**options)
-    args, kwargs = builder_call(settings, tiny_phi3, tmp_path / "plain", tmp_path / "cache")
+    args, kwargs = builder_call(settings, model, out, out.parent / f"{out.name}-cache")
     create_model(*args, **kwargs)
-    out, _ = build(settings, tiny_phi3, tmp_path / "step")
+    return out
+
+
+def same_files(step_out: Path, alone: Path) -> None:
     for name in ("model.onnx", "model.onnx.data"):
-        assert (out / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+        assert (step_out / name).read_bytes() == (alone / name).read_bytes(), name
+
+
+@pytest.fixture
+def spills(monkeypatch) -> list[Path]:
+    """The folders the step wrote its float weights to, as it writes them."""
+    from olive_grove.tasks import builder_memory
+
+    written, spill = [], builder_memory._spill
+    monkeypatch.setattr(builder_memory, "_spill", lambda model, folder: (written.append(folder), spill(model, folder)))
+    return written
+
+
+@pytest.mark.parametrize(("options", "spilled"), [
+    ({"precision": "int4"}, True),
+    ({"precision": "int4", "use_qdq": True}, True),
+    ({"precision": "int4", "int4_op_types_to_quantize": ["MatMul", "Gather"]}, True),  # the embedding stays in memory
+    ({"precision": "int4", "int4_algo_config": "k_quant"}, False),  # reads weights through onnx's loader
+    ({"precision": "int8", "execution_provider": "cuda"}, True),
+])  # fmt: skip
+def test_quantized_builds_with_weights_on_disk_are_the_builders_own_bytes(options, spilled, spills, tiny_phi3: Path,
+                                                                          tmp_path: Path):  # fmt: skip
+    """The step quantizes the float weights from a scratch file (to keep host memory down); what it writes is
+    byte for byte what ModelBuilder writes on its own, holding them all in memory."""
+    settings = ModelBuilderSettings(**options)
+    out, _ = build(settings, tiny_phi3, tmp_path / "step")
+    same_files(out, builder_alone(settings, tiny_phi3, tmp_path / "alone"))
     ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert ops & {"MatMulNBits", "DequantizeLinear"}, "quantized"
+    assert bool(spills) == spilled
     assert not (tmp_path / "step" / "work" / "float-weights").exists()
+
+
+def test_a_build_that_cannot_write_its_float_weights_quantizes_in_memory(tiny_phi3: Path, tmp_path: Path):
+    (tmp_path / "step" / "work").mkdir(parents=True)
+    (tmp_path / "step" / "work" / "float-weights").write_text("in the way")
+    files = step_files(tmp_path / "step", tmp_path / "step" / "out")
+    recorder = Recorder()
+    build_onnx_model(ModelBuilderSettings(), files, recorder, model=model_artifact(tiny_phi3))
+    same_files(files.out, builder_alone(ModelBuilderSettings(), tiny_phi3, tmp_path / "alone"))
+    assert any("could not write the float weights to" in line and "quantized them in memory" in line
+               for line in recorder.lines), recorder.lines  # fmt: skip
+
+
+def test_builds_in_two_threads_take_turns_and_leave_the_builder_as_it_was(tiny_phi3: Path, tmp_path: Path):
+    from onnxruntime_genai.models import builder
+
+    save_model, stdout = builder.Model.save_model, sys.stdout
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda name: build(ModelBuilderSettings(), tiny_phi3, tmp_path / name)[0], ["a", "b"]))
+    assert builder.Model.save_model is save_model and sys.stdout is stdout
+    alone = builder_alone(ModelBuilderSettings(), tiny_phi3, tmp_path / "alone")
+    for out in outs:
+        same_files(out, alone)
 
 
 def test_metadata_only_writes_config_without_weights(tiny_phi3: Path, tmp_path: Path):
