@@ -72,7 +72,7 @@ class Job:
 def builder_alone(settings: ModelBuilderSettings, files: StepFiles, report: Reporter, *, model) -> OnnxInfo:
     """The step with ModelBuilder saving as it does on its own, every float weight in memory as it quantizes
     (no scratch file): the host peak the scratch file saves, side by side."""
-    with mock.patch.object(onnx_build, "float_weights_on_disk", lambda scratch: contextlib.nullcontext()):
+    with mock.patch.object(onnx_build, "float_weights_on_disk", lambda scratch: contextlib.nullcontext([])):
         return onnx_build.build_onnx_model(settings, files, report, model=model)
 
 
