@@ -17,7 +17,6 @@ MB), and rtn and k_quant builds quantize in memory as the builder does.
 from __future__ import annotations
 
 import contextlib
-import gc
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,4 +78,4 @@ def _spill(model, folder: Path) -> None:
         if readers == {"MatMul"} and isinstance(tensor, ir.ExternalTensor):
             value.const_value = ir.ExternalTensor(tensor.path, tensor.offset, tensor.length, tensor.dtype,
                                                   shape=tensor.shape, name=tensor.name)  # fmt: skip
-    gc.collect()  # the lazily cast weights held the Hugging Face model's tensors
+    # The lazily cast weights swapped out were what held the Hugging Face model's tensors: they go with them.
