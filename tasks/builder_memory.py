@@ -26,8 +26,8 @@ from pathlib import Path
 def float_weights_on_disk(scratch: Path) -> Iterator[list[str]]:
     """While it is open, ModelBuilder's quantized builds spill their MatMul weights to `scratch`, removed
     afterwards. It yields a list that gets a line for each build that could not spill (a full or read-only
-    disk), which then quantizes in memory as the builder does. One build at a time: it patches the builder's
-    class for the whole process."""
+    disk), which then quantizes in memory as the builder does. It patches the builder's class for the whole
+    process, so its caller runs one build at a time (build_onnx_model's lock)."""
     import onnx_ir as ir
     from onnxruntime_genai.models import builder
 
