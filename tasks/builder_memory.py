@@ -46,7 +46,7 @@ def float_weights_on_disk(scratch: Path) -> Iterator[list[str]]:
             try:
                 _spill(self.model, folder)
             except OSError as error:
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)  # now, not at the end: the build's output needs the disk
                 not_spilled.append(f"could not write the float weights to {folder} ({error.strerror or error}): "
                                    "quantized them in memory")  # fmt: skip
         return save_model(self, out_dir)
