@@ -19,6 +19,7 @@ def put_folder(storage, local: Path, url: str) -> None:
     Remote(url, "test").upload_folder(local, "")
 
 
+@pytest.mark.slow
 def test_data_and_cache_on_blob_are_shared_by_a_second_machine(tmp_path, tiny_phi3, azure_storage, monkeypatch):
     fs = azure_storage.filesystem
     data, cache, out = (azure_storage.container(p) for p in ("data", "cache", "outputs"))

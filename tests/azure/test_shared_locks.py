@@ -43,6 +43,7 @@ def _wait_for(what: str, check, seconds: float, logs: list[Path]):
     return found
 
 
+@pytest.mark.slow
 def test_one_machine_computes_each_step_and_the_other_waits_for_it(tmp_path, tiny_phi3, azure_storage, redis_url, api):
     cache = azure_storage.container("cache")
     lora = lora_pass(PHI3_MODULES)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from grove_helpers import load_benchmark
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_case_and_writes_its_json(tmp_path: Path, capsys):
     bench = load_benchmark("cli_overhead")
     bench.main(["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")])

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_tiny_data_parallel_benchmark_writes_its_table(tmp_path: Path):
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "data_parallel.py"), "--tiny", "--steps", "4", "--warmup", "1",

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from grove_helpers import Recorder, load_benchmark, model_artifact, step_files
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_measures_every_step(tmp_path: Path, capsys):
     bench = load_benchmark("pipeline_gpu")
     bench.main(["--tiny", "--steps", "2", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])

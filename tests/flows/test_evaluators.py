@@ -282,6 +282,7 @@ def _lm_task(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_lm_evaluator_scores_lm_eval_tasks_on_every_model(tmp_path, tiny_phi3):
     pytest.importorskip("lm_eval")
     tasks = _lm_task(tmp_path)

@@ -44,6 +44,7 @@ def home(tmp_path: Path):
     _grove("server", "stop", home=home)  # never left running by a failed test
 
 
+@pytest.mark.slow
 def test_first_run_starts_the_server_the_next_reuses_and_stop_stops(tiny_phi3: Path, tmp_path: Path, home: Path):
     cfg = tiny_run_config(tiny_phi3, passes={"lora": {**tiny_run_config(tiny_phi3)["passes"]["lora"]}})
     config = write_project(tmp_path / "project", cfg)

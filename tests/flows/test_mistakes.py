@@ -296,6 +296,7 @@ def test_a_broken_override_is_one_line(tmp_path: Path, tiny_llama: Path, overrid
 # ----------------------------------------------------------------------------------- signals and disks
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_is_one_line_and_the_rerun_resumes(tmp_path: Path, tiny_llama: Path):
     lora = lora_pass(LLAMA_MODULES)
     lora["training_args"].update(max_steps=400, save_steps=5)

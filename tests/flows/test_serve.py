@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from grove_helpers import lora_pass, prefect_api, tiny_run_config, write_project
 
 
@@ -27,6 +28,7 @@ def _run(url: str, deployment: dict, parameters: dict | None = None, timeout: fl
     raise AssertionError(f"flow run {run['id']} did not finish in {timeout} s")
 
 
+@pytest.mark.slow
 def test_grove_server_serves_the_installed_flow_until_ctrl_c(tiny_phi3: Path, tmp_path: Path):
     project = tmp_path / "project"
     cfg = tiny_run_config(tiny_phi3, passes={"lora": lora_pass(["o_proj", "qkv_proj"])})
@@ -88,6 +90,7 @@ def test_each_pool_has_its_own_nightly_deployment():
     }
 
 
+@pytest.mark.slow
 def test_a_run_stopped_with_grove_server_is_crashed_not_running_forever(tiny_phi3: Path, tmp_path: Path):
     """A prober's find: a deployed run being trained when grove server stopped stayed Running in the UI."""
     from olive_grove.flows import local_server

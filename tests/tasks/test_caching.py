@@ -277,6 +277,7 @@ def test_a_redis_lock_lasts_while_its_holder_lives_and_frees_itself_when_it_dies
         process.kill()
 
 
+@pytest.mark.slow
 def test_redis_going_away_while_a_step_holds_its_lock_costs_the_lock_not_the_step(redis_url: str, caplog):
     """A fourth prober's find: Redis shut down mid-training failed the finished step at its commit, with
     redis tracebacks, and threw the trained result away."""

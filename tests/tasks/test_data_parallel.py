@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from grove_helpers import LLAMA_MODULES, TRAINING_ARGS, Recorder, dataset_artifact, model_artifact, step_files
 from safetensors.torch import load_file
 
@@ -40,6 +41,7 @@ def test_process_count_splits_the_effective_batch_evenly(monkeypatch):
     assert data_parallel.process_count(settings(8)) == 2  # never more processes than GPUs
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_adapter_as_one(tiny_llama: Path, llama_dataset: Path, tmp_path: Path):
     report = Recorder()
     results = {}
