@@ -8,6 +8,7 @@ never counted as allocated).
     python benchmarks/train_throughput.py                 # on a GPU: the full-size cases
     python benchmarks/train_throughput.py --set compile_layers=false   # ours with one speed-up off
     python benchmarks/train_throughput.py --tiny          # anywhere: a tiny model, a smoke test
+    python benchmarks/train_throughput.py --profile 3     # then 3 more steps of ours under torch.profiler
 
 Beside the baseline, the peers speed-minded users pick instead, at our micro-batch and on our samples
 (packed where ours packs): `liger` (HF Trainer + PEFT + Liger Kernel) and `unsloth` (Unsloth's
@@ -24,6 +25,7 @@ import gc
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -71,6 +73,7 @@ class Result:
     peak_gib: float
     baseline_peak_gib: float
     peers: dict[str, dict] = field(default_factory=dict)  # by peer: tok_s, peak_gib, ours_vs (ours / theirs), or error
+    profile: dict = field(default_factory=dict)  # with --profile: where our step's device time went
 
 
 def phi3_mini_config(tiny: bool):
@@ -103,16 +106,18 @@ def unpacked(rows: list[list[int]]) -> dict[str, list[list[int]]]:
 
 
 class Meter:
-    """Real tokens per second over the optimizer steps after warm-up; peak GPU memory counts from there too,
-    so one-off work before training (our micro-batch probe, compiling) is not mistaken for training's."""
+    """Real tokens per second over the optimizer steps after warm-up (up to step `until`, if given); peak GPU
+    memory counts from there too, so one-off work before training (our micro-batch probe, compiling) is not
+    mistaken for training's."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.step, self.tokens, self.started = warmup, 0, 0, 0.0
+    def __init__(self, warmup: int, until: int | None = None) -> None:
+        self.warmup, self.until, self.step, self.tokens, self.started = warmup, until, 0, 0, 0.0
+        self.stopped: float | None = None
 
     def collator(self, collate):
         def counting(batch):
             out = collate(batch)
-            if self.step >= self.warmup:
+            if self.step >= self.warmup and (self.until is None or self.step < self.until):
                 self.tokens += int((out["labels"][:, 1:] != -100).sum())
             return out
 
@@ -131,16 +136,98 @@ class Meter:
                     if torch.cuda.is_available():
                         torch.cuda.reset_peak_memory_stats()
                     meter.tokens, meter.started = 0, time.perf_counter()
+                if meter.step == meter.until:
+                    _sync()
+                    meter.stopped = time.perf_counter()
 
         return StepClock()
 
     def tokens_per_second(self) -> float:
         _sync()
-        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        end = self.stopped if self.stopped is not None else time.perf_counter()
+        return self.tokens / max(end - self.started, 1e-9)
 
     @staticmethod
     def peak_gib() -> float:
         return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+# What a kernel (or, on a CPU, an operator) is, by its name; the first pattern that matches wins.
+KINDS = {
+    "attention": r"flash|fmha|sdpa|attention",
+    "matmul": r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::(mm|addmm|bmm)$",
+    "compiled layers": r"^triton_",  # inductor's kernels: the fused element-wise work of each layer
+    "optimizer": r"multi_tensor|adam|foreach|aten::_foreach",
+    "copies": r"memcpy|memset|aten::copy_",
+}
+
+
+class ProfiledSteps:
+    """torch.profiler over `steps` optimizer steps from step `start` on: device time by kind, the busiest
+    kernels, and how much of the wall time the device was busy (on a CPU: operators' self time)."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps, self.summary, self._profiler, self._began = start, steps, {}, None, 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Profile(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == outer.start:
+                    outer._begin()
+                elif state.global_step == outer.start + outer.steps:
+                    outer._end()
+
+        return Profile()
+
+    def _begin(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        self._profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        _sync()
+        self._profiler.__enter__()
+        self._began = time.perf_counter()
+
+    def _end(self) -> None:
+        _sync()
+        wall_us = (time.perf_counter() - self._began) * 1e6
+        self._profiler.__exit__(None, None, None)
+        self.summary = where_time_goes(self._profiler, wall_us, torch.cuda.is_available())
+
+
+def where_time_goes(profiler, wall_us: float, cuda: bool) -> dict:
+    from torch.autograd import DeviceType
+
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    averages = [a for a in profiler.key_averages() if a.device_type == wanted]
+    self_us = {a.key: (a.self_device_time_total if cuda else a.self_cpu_time_total) for a in averages}
+    total = sum(self_us.values()) or 1.0
+    kinds: dict[str, float] = {}
+    for name, us in self_us.items():
+        kind = next((k for k, pattern in KINDS.items() if re.search(pattern, name.lower())), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    busiest = sorted(averages, key=lambda a: -self_us[a.key])[:12]
+    return {
+        "device_busy": round(min(_busy_us(profiler, wanted) / wall_us, 1.0), 3) if cuda else None,
+        "wall_ms": round(wall_us / 1e3, 1),
+        "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "busiest": [{"name": a.key[:120], "ms": round(self_us[a.key] / 1e3, 2), "calls": a.count} for a in busiest],
+    }
+
+
+def _busy_us(profiler, device_type) -> float:
+    """Time with at least one kernel running: the union of the kernels' intervals."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == device_type)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
 
 
 def _sync() -> None:
@@ -194,14 +281,17 @@ def run_baseline(model, data: dict, args: dict, steps: int, warmup: int, out: Pa
     return meter.tokens_per_second(), meter.peak_gib()
 
 
-def run_ours(model, data: dict, args, steps, warmup, out: Path, quantized: bool, overrides: dict):
+def run_ours(model, data: dict, args, steps, warmup, out: Path, quantized: bool, overrides: dict,
+             profiled: int = 0):  # fmt: skip
     """olive-grove's training step: the same LoRA, the same effective batch, with its speed-ups on. Returns
-    tokens/s, peak GiB and the training arguments it chose (the micro-batch the peers run at)."""
+    tokens/s, peak GiB, the training arguments it chose (the micro-batch the peers run at), and with
+    `profiled` steps after the timed ones, where their device time went."""
     kind = QLoRASettings if quantized else LoRASettings
     settings = kind(train_data_config="x", **LORA, **overrides,
-                    training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps,
+                    training_args={**args, "bf16": torch.cuda.is_available(), "max_steps": steps + profiled,
                                    "disable_tqdm": True})  # fmt: skip
-    meter = Meter(warmup)
+    meter = Meter(warmup, until=steps if profiled else None)
+    profiler = ProfiledSteps(steps, profiled)
     from peft import get_peft_model
 
     model.config.use_cache = False
@@ -209,9 +299,11 @@ def run_ours(model, data: dict, args, steps, warmup, out: Path, quantized: bool,
     trainer = make_trainer(settings, peft_model, 0, as_dataset(data), None, out, Placement(), IndentedReporter())
     trainer.data_collator = meter.collator(trainer.data_collator)
     trainer.add_callback(meter.callback())
+    if profiled:
+        trainer.add_callback(profiler.callback())
     trainer.train()
     chosen = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
-    return meter.tokens_per_second(), meter.peak_gib(), chosen
+    return meter.tokens_per_second(), meter.peak_gib(), chosen, profiler.summary
 
 
 def samples(rows: list[list[int]], pack_to: int | None) -> dict:
@@ -256,8 +348,8 @@ def flops_per_token(cfg, n_params: int, context: float) -> float:
 
 
 def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, quantized, pack_to, context, peak_flops,
-            overrides, peers=(), tiny=False):  # fmt: skip
-    results, chosen = {}, {}
+            overrides, peers=(), tiny=False, profiled=0):  # fmt: skip
+    results, chosen, profile = {}, {}, {}
     for who in ("baseline", "ours"):
         gc.collect()
         release_compiled_layers()  # each run compiles for its own model
@@ -267,8 +359,8 @@ def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, qua
             tok_s, peak = run_baseline(model, unpacked(rows), args, steps, warmup, out / f"{name}-base")
         else:
             ours_dir = out / f"{name}-ours"
-            tok_s, peak, chosen = run_ours(model, samples(rows, pack_to), ours_args, steps, warmup, ours_dir, quantized,
-                                           overrides)  # fmt: skip
+            tok_s, peak, chosen, profile = run_ours(model, samples(rows, pack_to), ours_args, steps, warmup, ours_dir,
+                                                    quantized, overrides, profiled)  # fmt: skip
         results[who] = (tok_s, peak, tok_s * flops_per_token(cfg, n_params, context) / peak_flops)
         del model
     (base_tok, base_peak, base_mfu), (ours_tok, ours_peak, ours_mfu) = results["baseline"], results["ours"]
@@ -283,7 +375,7 @@ def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, qua
             measured[peer]["ours_vs"] = round(ours_tok / max(measured[peer]["tok_s"], 1e-9), 2)
     return Result(name, round(ours_tok, 1), round(base_tok, 1), round(ours_tok / max(base_tok, 1e-9), 2),
                   round(ours_mfu, 4), round(base_mfu, 4), round(ours_peak, 2), round(base_peak, 2),
-                  measured)  # fmt: skip
+                  measured, profile)  # fmt: skip
 
 
 def make_cases(vocab: int, tiny: bool, steps: int) -> dict[str, tuple]:
@@ -332,6 +424,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
                         help=f"a speed setting of ours ({', '.join(SPEED_SETTINGS)})")  # fmt: skip
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", type=train_arg,
                         help="a training_args entry of ours, e.g. gradient_checkpointing=true")  # fmt: skip
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, this many more of ours under torch.profiler")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
@@ -363,13 +457,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
-                               quantized, pack_to, context, peak_flops, overrides, peers, args.tiny))  # fmt: skip
+                               quantized, pack_to, context, peak_flops, overrides, peers, args.tiny,
+                               args.profile))  # fmt: skip
     print_table(results, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
     varied = {**overrides, **dict(args.train_arg)}
     variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
     if args.cases != parser.get_default("cases"):
         variant = f"-{args.cases.replace(',', '-')}{variant}"
+    if args.profile:
+        variant += "-profiled"
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
     summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
                "training_args": dict(args.train_arg),
@@ -413,6 +510,17 @@ def print_table(results: list[Result], gpu: str) -> None:
         for peer, got in r.peers.items():
             if "error" in got:
                 print(f"{r.name} {peer}: not measured: {got['error']}")
+    for r in results:
+        if r.profile:
+            print_profile(r.name, r.profile)
+
+
+def print_profile(case: str, profile: dict) -> None:
+    busy = f", device busy {100 * profile['device_busy']:.1f}% of it" if profile["device_busy"] is not None else ""
+    print(f"\n{case}: where our step's time went ({profile['wall_ms']:.0f} ms profiled{busy})")
+    print("  " + ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in profile["share"].items()))
+    for kernel in profile["busiest"]:
+        print(f"  {kernel['ms']:>9.2f} ms {kernel['calls']:>6}x  {kernel['name']}")
 
 
 if __name__ == "__main__":

@@ -15,15 +15,29 @@ from grove_helpers import load_benchmark
 
 def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
     bench = load_benchmark("train_throughput")
-    results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short",
+    results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short", "--profile", "1",
                           "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])  # fmt: skip
     assert [r.name for r in results] == ["lora-2048", "lora-short"]
-    data = json.loads((tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short.json").read_text())  # its cases
+    data = json.loads((tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short-profiled.json").read_text())  # its cases
     for case in data["cases"]:
         assert {"name", "ours_tok_s", "baseline_tok_s", "speedup", "mfu", "peak_gib", "baseline_peak_gib"} <= set(case)
         assert case["ours_tok_s"] > 0 and case["baseline_tok_s"] > 0
         assert case["peers"] == {"liger": {"error": "needs a CUDA GPU"}, "unsloth": {"error": "needs a CUDA GPU"}}
-    assert "baseline tok/s" in capsys.readouterr().out
+        profile = case["profile"]  # on a CPU: operators' self time in the step after the timed ones
+        assert profile["share"]["matmul"] > 0 and abs(sum(profile["share"].values()) - 1) < 0.01
+        assert profile["busiest"] and profile["wall_ms"] > 0
+    out = capsys.readouterr().out
+    assert "baseline tok/s" in out and "lora-2048: where our step's time went" in out
+
+
+def test_layer_ceiling_times_each_kernel_of_a_layer(tmp_path: Path, capsys):
+    ceiling = load_benchmark("layer_ceiling").main(["--tiny", "--repeats", "2", "--out", str(tmp_path)])
+    assert set(ceiling["linear_ms"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert isinstance(ceiling["attention_ms"]["math"], float)
+    assert ceiling["attention_ms"]["cudnn"].startswith("unavailable")  # no CUDA here: said, not skipped silently
+    assert ceiling["ceiling_tok_s"] > 0
+    assert json.loads((tmp_path / "tiny-cpu-layer-ceiling-micro-4.json").read_text())["best_attention"]
+    assert "ceiling:" in capsys.readouterr().out
 
 
 def test_set_changes_only_our_speed_settings():
