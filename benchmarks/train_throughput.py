@@ -157,6 +157,7 @@ KINDS = {
     "attention": r"flash|fmha|sdpa|attention",
     "matmul": r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::(mm|addmm|bmm)$",
     "compiled layers": r"^triton_",  # inductor's kernels: the fused element-wise work of each layer
+    "4-bit dequantize": r"dequantize",  # bitsandbytes unpacking QLoRA's weights, forward and backward
     "optimizer": r"multi_tensor|adam|foreach|aten::_foreach",
     "copies": r"memcpy|memset|aten::copy_",
 }
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
     summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
                "training_args": dict(args.train_arg),
-               "env": {k: os.environ[k] for k in ("PYTORCH_CUDA_ALLOC_CONF",) if k in os.environ},
+               "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
                "cases": [asdict(r) for r in results]}  # fmt: skip
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")

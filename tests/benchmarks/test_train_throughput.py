@@ -15,10 +15,12 @@ from grove_helpers import load_benchmark
 
 def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
     bench = load_benchmark("train_throughput")
-    results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short", "--profile", "1",
-                          "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")])  # fmt: skip
+    results = bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--cases", "lora-2048,lora-short",
+                          "--profile", "1", "--out", str(tmp_path / "results"),
+                          "--work", str(tmp_path / "work")])  # fmt: skip
     assert [r.name for r in results] == ["lora-2048", "lora-short"]
-    data = json.loads((tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short-profiled.json").read_text())  # its cases
+    written = tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short-profiled.json"  # named by its cases
+    data = json.loads(written.read_text())
     for case in data["cases"]:
         assert {"name", "ours_tok_s", "baseline_tok_s", "speedup", "mfu", "peak_gib", "baseline_peak_gib"} <= set(case)
         assert case["ours_tok_s"] > 0 and case["baseline_tok_s"] > 0
