@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import PEAK_BF16_FLOPS, flops_per_token, phi3_mini_config
+from train_throughput import PEAK_BF16_FLOPS, at_least, flops_per_token, phi3_mini_config
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
@@ -74,9 +74,9 @@ def attention_ms(backend, batch: int, heads: int, seq: int, head_dim: int, dtype
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a smoke test")
-    parser.add_argument("--micro-batch", type=int, default=4, help="samples per pass (the step's default: 4)")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--micro-batch", type=at_least(1), default=4, help="samples per pass (the step's default: 4)")
+    parser.add_argument("--seq", type=at_least(2), default=2048, help="tokens a sample (--tiny: 64)")
+    parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 

@@ -419,17 +419,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--cases", default="lora-2048,lora-short,qlora-2048")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"peers to run beside ours ({', '.join(PEERS)}; "
                         "'' for none)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=15, help="optimizer steps per run, warm-up included")
-    parser.add_argument("--warmup", type=int, default=3, help="steps not timed: the first one compiles")
+    parser.add_argument("--steps", type=at_least(2), default=15, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=at_least(1), default=3, help="steps not timed: the first one compiles")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                         help=f"a speed setting of ours ({', '.join(SPEED_SETTINGS)})")  # fmt: skip
     parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", type=train_arg,
                         help="a training_args entry of ours, e.g. gradient_checkpointing=true")  # fmt: skip
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--profile", type=at_least(0), default=0, metavar="STEPS",
                         help="after the timed steps, this many more of ours under torch.profiler")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}: make --steps larger")
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -476,6 +478,21 @@ def main(argv: list[str] | None = None) -> list[Result]:
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
     return results
+
+
+def at_least(smallest: int):
+    """An argparse type: a whole number no smaller than `smallest`."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = smallest - 1
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least {smallest}")
+        return value
+
+    return whole
 
 
 def setting(text: str) -> tuple[str, object]:

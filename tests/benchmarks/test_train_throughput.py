@@ -48,3 +48,15 @@ def test_set_changes_only_our_speed_settings():
     assert bench.setting("cuda_graphs=false") == ("cuda_graphs", False)
     with pytest.raises(argparse.ArgumentTypeError, match="micro_batch_size"):
         bench.setting("r=8")  # the adapter stays the baseline's
+
+
+@pytest.mark.parametrize(("name", "argv", "expected"), [
+    ("train_throughput", ["--profile", "-1"], "--profile: '-1': expected a whole number of at least 0"),
+    ("train_throughput", ["--steps", "3", "--warmup", "3"], "--warmup 3 leaves no timed step of --steps 3"),
+    ("layer_ceiling", ["--micro-batch", "0"], "--micro-batch: '0': expected a whole number of at least 1"),
+    ("layer_ceiling", ["--repeats", "two"], "--repeats: 'two': expected a whole number of at least 1"),
+])  # fmt: skip
+def test_a_count_out_of_range_is_one_line(name: str, argv: list[str], expected: str, capsys):
+    with pytest.raises(SystemExit) as exited:
+        load_benchmark(name).main(argv)
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
