@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import PEAK_BF16_FLOPS, at_least, flops_per_token, phi3_mini_config
+from train_throughput import PEAK_BF16_FLOPS, at_least, command_line, flops_per_token, phi3_mini_config
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
@@ -75,13 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a smoke test")
     parser.add_argument("--micro-batch", type=at_least(1), default=4, help="samples per pass (the step's default: 4)")
-    parser.add_argument("--seq", type=at_least(2), default=2048, help="tokens a sample (--tiny: 64)")
+    parser.add_argument("--seq", type=at_least(2), help="tokens a sample (default 2048; --tiny: 64)")
     parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: not a folder")
 
     cfg = phi3_mini_config(args.tiny)
-    seq = 64 if args.tiny else args.seq
+    seq = args.seq or (64 if args.tiny else 2048)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     tokens = args.micro_batch * seq
@@ -110,12 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  attention/{name:<10} {ms:8.3f} ms" if isinstance(ms, float) else f"  attention/{name:<10} {ms}")
     print(f"  lm_head        {head_ms:8.3f} ms")
     print(f"ceiling: {step_ms:.1f} ms a pass, {tok_s:,.0f} tokens/s, {100 * mfu:.1f}% MFU (attention: {best})")
-    summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "micro_batch": args.micro_batch,
-               "seq": seq, "linear_ms": rows, "attention_ms": attention, "lm_head_ms": head_ms, "best_attention": best,
-               "step_ms": step_ms, "ceiling_tok_s": tok_s, "ceiling_mfu": mfu}  # fmt: skip
+    summary = {"gpu": gpu, "torch": torch.__version__, "command": command_line(__file__, argv),
+               "micro_batch": args.micro_batch, "seq": seq, "linear_ms": rows, "attention_ms": attention,
+               "lm_head_ms": head_ms, "best_attention": best, "step_ms": step_ms, "ceiling_tok_s": tok_s,
+               "ceiling_mfu": mfu}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-layer-ceiling"
-    file = args.out / f"{name}-micro-{args.micro_batch}.json"
+    file = args.out / f"{name}-micro-{args.micro_batch}{f'-seq-{args.seq}' if args.seq else ''}.json"
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
     return summary

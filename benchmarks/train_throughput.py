@@ -45,6 +45,10 @@ from olive_grove.tasks.data import pack_rows
 from olive_grove.tasks.speed import Placement, release_compiled_layers
 
 PEERS = ("liger", "unsloth")
+CASES = ("lora-2048", "lora-short", "qlora-2048")
+# Training arguments the benchmark sets itself: its step count, and its token count in the collator (which
+# dataloader workers would run in other processes).
+OWN_TRAIN_ARGS = ("max_steps", "dataloader_num_workers")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # What --set may change.
 SPEED_SETTINGS = ("micro_batch_size", "compile_layers", "cuda_graphs", "fused_kernels", "offload_checkpoints")
@@ -113,6 +117,7 @@ class Meter:
     def __init__(self, warmup: int, until: int | None = None) -> None:
         self.warmup, self.until, self.step, self.tokens, self.started = warmup, until, 0, 0, 0.0
         self.stopped: float | None = None
+        self.stopped_peak: float | None = None  # the peak up to `until`: steps after it (profiled) do not count
 
     def collator(self, collate):
         def counting(batch):
@@ -139,6 +144,7 @@ class Meter:
                 if meter.step == meter.until:
                     _sync()
                     meter.stopped = time.perf_counter()
+                    meter.stopped_peak = meter.peak_gib()
 
         return StepClock()
 
@@ -147,8 +153,9 @@ class Meter:
         end = self.stopped if self.stopped is not None else time.perf_counter()
         return self.tokens / max(end - self.started, 1e-9)
 
-    @staticmethod
-    def peak_gib() -> float:
+    def peak_gib(self) -> float:
+        if self.stopped_peak is not None:
+            return self.stopped_peak
         return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
 
 
@@ -197,7 +204,7 @@ class ProfiledSteps:
         _sync()
         wall_us = (time.perf_counter() - self._began) * 1e6
         self._profiler.__exit__(None, None, None)
-        self.summary = where_time_goes(self._profiler, wall_us, torch.cuda.is_available())
+        self.summary = {"steps": self.steps, **where_time_goes(self._profiler, wall_us, torch.cuda.is_available())}
 
 
 def where_time_goes(profiler, wall_us: float, cuda: bool) -> dict:
@@ -385,13 +392,16 @@ def make_cases(vocab: int, tiny: bool, steps: int) -> dict[str, tuple]:
     seq = 128 if tiny else 2048
     n_rows = 4 * steps * 8
     long_rows = synthetic_rows(vocab, [seq] * n_rows)
-    short_lengths = [random.Random(1).randint(20, 60) for _ in range(n_rows * 40)]
+    lengths = random.Random(1)
+    short_lengths = [lengths.randint(20, 60) for _ in range(n_rows * 40)]
     short_rows = synthetic_rows(vocab, short_lengths, seed=2)
-    return {
+    cases = {
         "lora-2048": (long_rows, False, None, seq / 2),
         "lora-short": (short_rows, False, seq, sum(short_lengths) / len(short_lengths) / 2),
         "qlora-2048": (long_rows, True, None, seq / 2),
     }
+    assert set(cases) == set(CASES)
+    return cases
 
 
 def word_level_tokenizer(vocab: int):
@@ -416,7 +426,7 @@ def _dense_params(cfg) -> int:
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
-    parser.add_argument("--cases", default="lora-2048,lora-short,qlora-2048")
+    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--peers", default=",".join(PEERS), help=f"peers to run beside ours ({', '.join(PEERS)}; "
                         "'' for none)")  # fmt: skip
     parser.add_argument("--steps", type=at_least(2), default=15, help="optimizer steps per run, warm-up included")
@@ -430,8 +440,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
     args = parser.parse_args(argv)
-    if args.warmup >= args.steps:
-        parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}: make --steps larger")
+    check_arguments(parser, args)
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -451,9 +460,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
     overrides = dict(args.set)
     ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
     peers = [p for p in args.peers.split(",") if p]
-    unknown = sorted(set(peers) - set(PEERS))
-    if unknown:
-        parser.error(f"--peers: no peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
     cases = make_cases(cfg.vocab_size, args.tiny, args.steps)
     results = []
     for name in args.cases.split(","):
@@ -463,7 +469,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
                                quantized, pack_to, context, peak_flops, overrides, peers, args.tiny,
                                args.profile))  # fmt: skip
     print_table(results, gpu)
-    args.out.mkdir(parents=True, exist_ok=True)
     varied = {**overrides, **dict(args.train_arg)}
     variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
     if args.cases != parser.get_default("cases"):
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.profile:
         variant += "-profiled"
     file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
-    summary = {"gpu": gpu, "torch": torch.__version__, "command": " ".join(sys.argv), "settings": overrides,
+    summary = {"gpu": gpu, "torch": torch.__version__, "command": command_line(__file__, argv), "settings": overrides,
                "training_args": dict(args.train_arg),
                "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
                "cases": [asdict(r) for r in results]}  # fmt: skip
@@ -493,6 +498,39 @@ def at_least(smallest: int):
         return value
 
     return whole
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every mistake in the arguments, as one line before any model is built or trained."""
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}: make --steps larger")
+    for flag, given, known in (("--cases", args.cases, CASES), ("--peers", args.peers, PEERS)):
+        names = given.split(",") if flag == "--cases" else [p for p in given.split(",") if p]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(f"{flag}: no {flag[2:-1]} {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+    own = sorted(set(dict(args.train_arg)) & set(OWN_TRAIN_ARGS))
+    if own:
+        parser.error(f"--train-arg {own[0]}: set by the benchmark itself (--steps and --profile give the steps)")
+    from pydantic import ValidationError
+
+    for kind in (LoRASettings, QLoRASettings):
+        try:
+            kind(train_data_config="x", **LORA, **dict(args.set), training_args={**GUIDE_ARGS, **dict(args.train_arg)})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            parser.error(f"--set/--train-arg {error['loc'][0]}: {error['msg']}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: not a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot be made ({exc.strerror})")
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a results file: the script with the arguments its main() was given."""
+    return " ".join([f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def setting(text: str) -> tuple[str, object]:
@@ -535,7 +573,7 @@ def print_table(results: list[Result], gpu: str) -> None:
 
 def print_profile(case: str, profile: dict) -> None:
     busy = f", device busy {100 * profile['device_busy']:.1f}% of it" if profile["device_busy"] is not None else ""
-    print(f"\n{case}: where our step's time went ({profile['wall_ms']:.0f} ms profiled{busy})")
+    print(f"\n{case}: where our step's time went ({profile['steps']} steps, {profile['wall_ms']:.0f} ms{busy})")
     print("  " + ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in profile["share"].items()))
     for kernel in profile["busiest"]:
         print(f"  {kernel['ms']:>9.2f} ms {kernel['calls']:>6}x  {kernel['name']}")

@@ -55,6 +55,11 @@ def test_set_changes_only_our_speed_settings():
     ("train_throughput", ["--steps", "3", "--warmup", "3"], "--warmup 3 leaves no timed step of --steps 3"),
     ("layer_ceiling", ["--micro-batch", "0"], "--micro-batch: '0': expected a whole number of at least 1"),
     ("layer_ceiling", ["--repeats", "two"], "--repeats: 'two': expected a whole number of at least 1"),
+    ("train_throughput", ["--cases", "lora-2048,nope"], "--cases: no case 'nope' (known: lora-2048,"),
+    ("train_throughput", ["--set", "micro_batch_size=0"], "--set/--train-arg micro_batch_size:"),
+    ("train_throughput", ["--train-arg", "dataloader_num_workers=1"], "dataloader_num_workers: set by the benchmark"),
+    ("train_throughput", ["--out", "/etc/passwd"], "--out /etc/passwd: not a folder"),
+    ("layer_ceiling", ["--out", "/etc/passwd"], "--out /etc/passwd: not a folder"),
 ])  # fmt: skip
 def test_a_count_out_of_range_is_one_line(name: str, argv: list[str], expected: str, capsys):
     with pytest.raises(SystemExit) as exited:
