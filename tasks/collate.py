@@ -8,8 +8,8 @@ from typing import Any
 IGNORE_INDEX = -100
 
 
-def pad_collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    """Pad a batch to its longest sample; padded labels are ignored by the loss.
+def pad_collator(pad_id: int, pad_to: int = 0) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Pad a batch to its longest sample (or to `pad_to`, if longer); padded labels are ignored by the loss.
 
     Packed samples (with `position_ids`) get no attention mask: transformers then reads the restarting
     positions as separate sequences, and the padding becomes one more sequence of its own.
@@ -18,7 +18,7 @@ def pad_collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]
 
     def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(s["input_ids"]) for s in batch]
-        longest = max(lengths)
+        longest = max(*lengths, pad_to)
 
         def pad(key: str, value: int) -> torch.Tensor:
             return torch.tensor([list(s[key]) + [value] * (longest - len(s[key])) for s in batch])

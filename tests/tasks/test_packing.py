@@ -51,6 +51,20 @@ def test_packed_and_unpacked_training_see_the_same_loss(arch: str, request):
     assert token_mean_loss(model, packed_batch) == pytest.approx(token_mean_loss(model, loose_batch), rel=1e-5)
 
 
+def test_packed_samples_padded_to_one_length_see_the_same_loss(tiny_phi3: Path):
+    """Compiled layers get every pass at one length (pad_to): the padding is a sequence of its own, ignored."""
+    tokenizer = load_tokenizer(str(tiny_phi3))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_phi3), dtype=torch.float32).eval()
+    model.config.use_cache = False
+    packed = tokenize_rows(ROWS, tokenizer, TextSettings(strategy="packed", max_seq_len=64))
+    samples = [dict(zip(packed, values)) for values in zip(*packed.values())]
+    longest = max(len(s["input_ids"]) for s in samples)
+    as_is, padded = pad_collator(tokenizer.pad_token_id)(samples), pad_collator(tokenizer.pad_token_id, 96)(samples)
+    assert as_is["input_ids"].shape[1] == longest and padded["input_ids"].shape[1] == 96
+    assert int((padded["labels"] != -100).sum()) == int((as_is["labels"] != -100).sum())
+    assert token_mean_loss(model, padded) == pytest.approx(token_mean_loss(model, as_is), rel=1e-5)
+
+
 def test_packing_without_isolation_would_differ(tiny_phi3: Path):
     """The check above can fail: with a cache the rows attend to each other and the loss moves."""
     tokenizer = load_tokenizer(str(tiny_phi3))
