@@ -26,7 +26,7 @@ from pathlib import Path
 
 from olive_grove.tasks.errors import UserError
 
-PREFERRED_PORT = 4200  # Prefect's own default, where a user looks for the UI
+DEFAULT_PORT = 4200  # Prefect's own default, where a user looks for the UI
 STARTUP_TIMEOUT_S = 180  # a busy 2-core machine can take a minute to migrate and start
 STOP_TIMEOUT_S = 15
 MODES = ("keep", "temporary")
@@ -147,7 +147,8 @@ class Starting:
 
     def ready(self) -> LocalServer:
         deadline = self.server.started + STARTUP_TIMEOUT_S  # a recorded server that never answered: not long
-        while not self.server.healthy():
+        # Its own process must be alive too: another server that took the port first would answer as well.
+        while not (self.server.healthy() and (not self.new or self.server.alive())):
             # Seen twice (a CI run, a prober): a server that answered a moment later was taken for stopped.
             # It counts as stopped only if it still does not answer a second later and is still not seen.
             if not self.server.alive() and not _answers_soon(self.server):
@@ -215,7 +216,9 @@ def stop(home: Path) -> LocalServer | None:
 
 
 def _free_port() -> int:
-    for port in (PREFERRED_PORT, 0):
+    """The port `prefect server start` would take (PREFECT_SERVER_API_PORT, else 4200) if free, else any."""
+    preferred = os.environ.get("PREFECT_SERVER_API_PORT", "")
+    for port in (int(preferred) if preferred.isdigit() else DEFAULT_PORT, 0):
         with socket.socket() as probe:
             # As the server binds: a port just freed (TIME_WAIT) is free.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -14,6 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # Before anything imports prefect, transformers or datasets.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="grove-tests-"))
 atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
@@ -21,6 +30,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)  # never a real server
+os.environ["PREFECT_SERVER_API_PORT"] = str(_free_loopback_port())  # grove's own server: not the other worker's
 os.environ["OLIVE_GROVE_LOCAL_SERVER"] = "temporary"  # grove run in-process: no server outliving the tests
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
@@ -47,7 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with slow or end-to-end tests first: with `-n 2 --dist loadfile` each file goes to one worker in
     this order, so the long ones start early instead of leaving one worker busy at the end."""
-    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.get_closest_marker("e2e")))
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in heavy)  # a file moves whole: its module fixtures are made once
 
 
 @pytest.fixture(scope="session", autouse=True)

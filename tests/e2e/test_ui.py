@@ -131,7 +131,9 @@ def _custom_run(browser, url: str, edit_line: str, old: str, new: str) -> dict:
     _shot(browser, "custom-run")
 
     def new_run():
-        runs = [r for r in prefect_api(api, "/flow_runs/filter", {}) if r["id"] not in before]
+        runs = [
+            r for r in prefect_api(api, "/flow_runs/filter", {}) if r["id"] not in before and not r["auto_scheduled"]
+        ]  # the nightly schedules' runs are not ours
         return runs[0] if runs else None
 
     # Prefect's UI on SQLite now and then answers a submit with "Oops. Something went wrong." while the worker
