@@ -147,11 +147,10 @@ class Starting:
 
     def ready(self) -> LocalServer:
         deadline = self.server.started + STARTUP_TIMEOUT_S  # a recorded server that never answered: not long
-        # Its own process must be alive too: another server that took the port first would answer as well.
-        while not (self.server.healthy() and (not self.new or self.server.alive())):
+        while not self._answers():
             # Seen twice (a CI run, a prober): a server that answered a moment later was taken for stopped.
             # It counts as stopped only if it still does not answer a second later and is still not seen.
-            if not self.server.alive() and not _answers_soon(self.server):
+            if not self.server.alive() and not self._answers_soon():
                 raise ServerFailed(f"the local Prefect server stopped while starting: see {self.server.log}")
             if time.time() > deadline:
                 raise ServerFailed(f"the local Prefect server did not answer in {STARTUP_TIMEOUT_S} s: see "
@@ -159,10 +158,13 @@ class Starting:
             time.sleep(0.2)
         return self.server
 
+    def _answers(self) -> bool:
+        """A new server's own process must be alive too: another one that took the port would answer as well."""
+        return self.server.healthy() and (not self.new or self.server.alive())
 
-def _answers_soon(server: LocalServer) -> bool:
-    time.sleep(1)
-    return server.healthy() or server.alive()
+    def _answers_soon(self) -> bool:
+        time.sleep(1)
+        return self._answers() or self.server.alive()
 
 
 class ServerFailed(Exception):

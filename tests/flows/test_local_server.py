@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from grove_helpers import tiny_run_config, write_project
+
+from olive_grove.flows import local_server
 
 
 def _grove(*argv: str | Path, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -161,3 +164,31 @@ def test_an_unwritable_prefect_home_is_one_line(tmp_path: Path, tiny_phi3: Path)
     done = _grove("run", "--config", config, home=home)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith(f"error: PREFECT_HOME: {home} cannot be written")
+
+
+def test_a_new_server_whose_process_died_is_not_taken_for_another_on_its_port(tmp_path: Path):
+    """Two first runs in different homes can both find the preferred port free; the one whose server loses the
+    bind must not report to the other's (which answers on that port) as if it were its own."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)  # the server that took the port
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    lost = subprocess.Popen([sys.executable, "-c", "pass"])  # our server's process, gone after a failed bind
+    lost.wait()
+    url = f"http://127.0.0.1:{other.server_address[1]}/api"
+    try:
+        server = local_server.LocalServer(url=url, pid=lost.pid, log=str(tmp_path / "log"), started=time.time())
+        assert server.healthy()
+        with pytest.raises(local_server.ServerFailed, match="stopped while starting"):
+            local_server.Starting(server, new=True).ready()
+    finally:
+        other.shutdown()
