@@ -16,8 +16,9 @@ _CHUNK = 1 << 20
 INTERNAL_PREFIX = ".olive-grove-"
 # The file beside a published output that names the cache entry it was copied from.
 SOURCE_STAMP = ".olive-grove-source"
-# Answers that cost seconds to compute and depend only on what is installed and a model's config.
-USER_CACHE = Path.home() / ".cache" / "olive-grove"
+# Answers that cost seconds to compute and depend only on what is installed and a model's config
+# (~/.cache/olive-grove, or under XDG_CACHE_HOME where that is set, as other Linux tools do).
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olive-grove"
 
 T = TypeVar("T")
 

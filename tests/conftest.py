@@ -34,6 +34,7 @@ os.environ["PREFECT_SERVER_API_PORT"] = str(_free_loopback_port())  # grove's ow
 os.environ["OLIVE_GROVE_LOCAL_SERVER"] = "temporary"  # grove run in-process: no server outliving the tests
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_HOME / "cache")  # olive-grove's remembered answers, not the user's
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded, ever
 os.environ["OLIVE_GROVE_DOWNLOADS"] = str(_SESSION_HOME / "olive-grove-downloads")  # copies of blobs and models
 os.environ["OLIVE_GROVE_LOCAL_CACHE"] = str(_SESSION_HOME / "olive-grove-local")  # copies of shared caches
