@@ -14,14 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
+from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_ARGS, free_port, listening  # stdlib only
 
 # Before anything imports prefect, transformers or datasets.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="grove-tests-"))
@@ -30,7 +23,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)  # never a real server
-os.environ["PREFECT_SERVER_API_PORT"] = str(_free_loopback_port())  # grove's own server: not the other worker's
+os.environ["PREFECT_SERVER_API_PORT"] = str(free_port())  # grove's own server: not the other worker's
 os.environ["OLIVE_GROVE_LOCAL_SERVER"] = "temporary"  # grove run in-process: no server outliving the tests
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")  # datasets' arrow cache, not the user's
@@ -77,9 +70,6 @@ def _quiet_prefect_at_exit():
                 handler.setLevel(logging.WARNING)
                 handler.setStream(sys.__stderr__)
                 handler.console.file = sys.__stderr__
-
-
-from grove_helpers import LLAMA_MODULES, TONE_DATASET, TONE_TEMPLATE, TRAINING_ARGS, free_port, listening  # noqa: E402
 
 
 @pytest.fixture(scope="session")
