@@ -14,7 +14,6 @@ every element-wise kernel, the adapter, the loss and the optimizer free; tokens/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import PEAK_BF16_FLOPS, at_least, command_line, flops_per_token, phi3_mini_config
+from train_throughput import (
+    at_least,
+    command_line,
+    flops_per_token,
+    gpu_in_use,
+    make_out,
+    phi3_mini_config,
+    write_results,
+)
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
@@ -79,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: not a folder")
+    make_out(parser, args.out)
 
     cfg = phi3_mini_config(args.tiny)
     seq = args.seq or (64 if args.tiny else 2048)
@@ -99,10 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     layer_ms = sum(rows.values()) + timed[best]
     step_ms = cfg.num_hidden_layers * layer_ms + head_ms
     tok_s = tokens / (step_ms / 1e3)
-    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    gpu_key = next((k for k in PEAK_BF16_FLOPS if k in gpu), None)
+    gpu, label, peak_flops = gpu_in_use()
     n_params = sum(i * o for i, o in linears.values()) * cfg.num_hidden_layers + 2 * hidden * cfg.vocab_size
-    mfu = tok_s * flops_per_token(cfg, n_params, seq / 2) / PEAK_BF16_FLOPS.get(gpu_key, 989e12)
+    mfu = tok_s * flops_per_token(cfg, n_params, seq / 2) / peak_flops
 
     print(f"{gpu}: one decoder layer at {args.micro_batch} x {seq} tokens (forward + input gradients)")
     for name, ms in rows.items():
@@ -116,11 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                "micro_batch": args.micro_batch, "seq": seq, "linear_ms": rows, "attention_ms": attention,
                "lm_head_ms": head_ms, "best_attention": best, "step_ms": step_ms, "ceiling_tok_s": tok_s,
                "ceiling_mfu": mfu}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-layer-ceiling"
-    file = args.out / f"{name}-micro-{args.micro_batch}{f'-seq-{args.seq}' if args.seq else ''}.json"
-    file.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {file}")
+    name = f"{'tiny-' if args.tiny else ''}{label}-layer-ceiling-micro-{args.micro_batch}"
+    write_results(args.out / f"{name}{f'-seq-{args.seq}' if args.seq else ''}.json", summary)
     return summary
 
 

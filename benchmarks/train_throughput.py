@@ -426,9 +426,9 @@ def _dense_params(cfg) -> int:
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"peers to run beside ours ({', '.join(PEERS)}; "
-                        "'' for none)")  # fmt: skip
+    parser.add_argument("--cases", default=",".join(CASES), type=names_of("case", CASES))
+    parser.add_argument("--peers", default=",".join(PEERS), type=names_of("peer", PEERS, none_ok=True),
+                        help=f"peers to run beside ours ({', '.join(PEERS)}; '' for none)")  # fmt: skip
     parser.add_argument("--steps", type=at_least(2), default=15, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=at_least(1), default=3, help="steps not timed: the first one compiles")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
@@ -448,9 +448,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cfg = phi3_mini_config(args.tiny)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    gpu_key = next((k for k in PEAK_BF16_FLOPS if k in gpu), None)
-    peak_flops = PEAK_BF16_FLOPS.get(gpu_key, 989e12)
+    gpu, label, peak_flops = gpu_in_use()
     model_dir = args.work / ("tiny-phi3" if args.tiny else "phi3-mini-random")
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
@@ -459,56 +457,70 @@ def main(argv: list[str] | None = None) -> list[Result]:
         word_level_tokenizer(cfg.vocab_size).save_pretrained(str(model_dir))  # what a peer's loader asks for
     overrides = dict(args.set)
     ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
-    peers = [p for p in args.peers.split(",") if p]
     cases = make_cases(cfg.vocab_size, args.tiny, args.steps)
     results = []
-    for name in args.cases.split(","):
+    for name in args.cases:
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
-                               quantized, pack_to, context, peak_flops, overrides, peers, args.tiny,
+                               quantized, pack_to, context, peak_flops, overrides, args.peers, args.tiny,
                                args.profile))  # fmt: skip
     print_table(results, gpu)
     varied = {**overrides, **dict(args.train_arg)}
     variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
-    if args.cases != parser.get_default("cases"):
-        variant = f"-{args.cases.replace(',', '-')}{variant}"
+    if args.cases != list(CASES):
+        variant = f"-{'-'.join(args.cases)}{variant}"
     if args.profile:
         variant += "-profiled"
-    file = args.out / f"{'tiny-' if args.tiny else ''}{(gpu_key or gpu).lower().replace(' ', '-')}-train{variant}.json"
+    file = args.out / f"{'tiny-' if args.tiny else ''}{label}-train{variant}.json"
     summary = {"gpu": gpu, "torch": torch.__version__, "command": command_line(__file__, argv), "settings": overrides,
                "training_args": dict(args.train_arg),
                "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
                "cases": [asdict(r) for r in results]}  # fmt: skip
+    write_results(file, summary)
+    return results
+
+
+def gpu_in_use() -> tuple[str, str, float]:
+    """The device's name, its label in results files' names (h200, or cpu), and its bf16 peak FLOP/s."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    key = next((k for k in PEAK_BF16_FLOPS if k in gpu), None)
+    return gpu, (key or gpu).lower().replace(" ", "-"), PEAK_BF16_FLOPS.get(key, 989e12)
+
+
+def write_results(file: Path, summary: dict) -> None:
     file.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {file}")
-    return results
 
 
 def at_least(smallest: int):
     """An argparse type: a whole number no smaller than `smallest`."""
 
     def whole(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = smallest - 1
-        if value < smallest:
+        if not text.lstrip("-").isdigit() or int(text) < smallest:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least {smallest}")
-        return value
+        return int(text)
 
     return whole
+
+
+def names_of(what: str, known: tuple[str, ...], none_ok: bool = False):
+    """An argparse type: comma-separated names, each one of `known`; with `none_ok`, empty ones are left out."""
+
+    def listed(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name or not none_ok]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"no {what} {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+        return names
+
+    return listed
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every mistake in the arguments, as one line before any model is built or trained."""
     if args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}: make --steps larger")
-    for flag, given, known in (("--cases", args.cases, CASES), ("--peers", args.peers, PEERS)):
-        names = given.split(",") if flag == "--cases" else [p for p in given.split(",") if p]
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            parser.error(f"{flag}: no {flag[2:-1]} {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
     own = sorted(set(dict(args.train_arg)) & set(OWN_TRAIN_ARGS))
     if own:
         parser.error(f"--train-arg {own[0]}: set by the benchmark itself (--steps and --profile give the steps)")
@@ -520,12 +532,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         except ValidationError as exc:
             error = exc.errors()[0]
             parser.error(f"--set/--train-arg {error['loc'][0]}: {error['msg']}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: not a folder")
+    make_out(parser, args.out)
+
+
+def make_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The results folder, made before any measuring, or one line saying why it cannot be."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: not a folder")
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        parser.error(f"--out {args.out}: cannot be made ({exc.strerror})")
+        parser.error(f"--out {out}: cannot be made ({exc.strerror})")
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
