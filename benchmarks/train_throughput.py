@@ -12,8 +12,8 @@ never counted as allocated).
 
 Beside the baseline, the peers speed-minded users pick instead, at our micro-batch and on our samples
 (packed where ours packs): `liger` (HF Trainer + PEFT + Liger Kernel) and `unsloth` (Unsloth's
-FastLanguageModel with its defaults, in a process of its own since it must be imported first). A peer that
-cannot run here is recorded with the reason.
+FastLanguageModel with its defaults), each in a process of its own, since each patches transformers for
+the whole process. A peer that cannot run here is recorded with the reason.
 
 Prints a table and writes benchmarks/results/<gpu>-train[-<settings>].json.
 """
@@ -265,11 +265,18 @@ def run_baseline(model, data: dict, args: dict, steps: int, warmup: int, out: Pa
     """Plain HF Trainer + PEFT with the guide's settings: what Olive's LoRA/QLoRA pass runs; with `liger`,
     Liger Kernel's fused layers too (the Trainer's use_liger_kernel)."""
     from peft import get_peft_model
+
+    return run_trainer(get_peft_model(model, ADAPTER.peft_config(ADAPTER.target_modules)), data, args, steps, warmup,
+                       out, liger)  # fmt: skip
+
+
+def run_trainer(peft_model, data: dict, args: dict, steps: int, warmup: int, out: Path, liger: bool = False):
+    """HF Trainer on an adapter-wrapped model, as the baseline and the peers run it: tokens/s and peak GiB."""
     from transformers import Trainer, TrainingArguments
 
     meter = Meter(warmup)
     trainer = Trainer(
-        model=get_peft_model(model, ADAPTER.peft_config(ADAPTER.target_modules)),
+        model=peft_model,
         args=TrainingArguments(
             output_dir=str(out),
             max_steps=steps,
@@ -319,24 +326,15 @@ def samples(rows: list[list[int]], pack_to: int | None) -> dict:
     return pack_rows([(r, [True] * len(r)) for r in rows], pack_to) if pack_to else unpacked(rows)
 
 
-def run_peer(peer: str, case: str, model_dir: Path, data: dict, args: dict, steps: int, warmup: int, out: Path,
-             quantized: bool, tiny: bool) -> dict:  # fmt: skip
-    """One peer on a case, at our micro-batch (`args`): its tokens/s and peak GiB, or why it could not run."""
+def run_peer(peer: str, case: str, model_dir: Path, train_args: dict, steps: int, warmup: int, out: Path,
+             tiny: bool) -> dict:  # fmt: skip
+    """One peer on a case, at our micro-batch (`train_args`), in a process of its own (`peer_run.py`): its
+    tokens/s and peak GiB, or why it could not run."""
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU"}
-    if peer == "liger":
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError as exc:
-            return {"error": f"not installed: {exc}"}
-        model = load_base(model_dir, quantized)
-        try:
-            tok_s, peak = run_baseline(model, data, args, steps, warmup, out / f"{case}-liger", liger=True)
-        finally:
-            del model
-        return {"tok_s": round(tok_s, 1), "peak_gib": round(peak, 2)}
-    command = [sys.executable, str(Path(__file__).with_name("unsloth_peer.py")), case, str(model_dir), json.dumps(args),
-               str(steps), str(warmup), str(out / f"{case}-unsloth")] + (["--tiny"] if tiny else [])  # fmt: skip
+    script = Path(__file__).with_name("peer_run.py")
+    command = [sys.executable, str(script), peer, case, str(model_dir), json.dumps(train_args), str(steps), str(warmup),
+               str(out / f"{case}-{peer}"), *(["--tiny"] * tiny)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -377,8 +375,7 @@ def measure(name, model_dir, cfg, rows, args, ours_args, steps, warmup, out, qua
         gc.collect()
         release_compiled_layers()
         print(f"  {peer} ...", flush=True)
-        measured[peer] = run_peer(peer, name, model_dir, samples(rows, pack_to), {**args, **chosen}, steps, warmup,
-                                  out, quantized, tiny)  # fmt: skip
+        measured[peer] = run_peer(peer, name, model_dir, {**args, **chosen}, steps, warmup, out, tiny)
         if "tok_s" in measured[peer]:
             measured[peer]["ours_vs"] = round(ours_tok / max(measured[peer]["tok_s"], 1e-9), 2)
     return Result(name, round(ours_tok, 1), round(base_tok, 1), round(ours_tok / max(base_tok, 1e-9), 2),
@@ -424,21 +421,7 @@ def _dense_params(cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
-    parser.add_argument("--cases", default=",".join(CASES), type=names_of("case", CASES))
-    parser.add_argument("--peers", default=",".join(PEERS), type=names_of("peer", PEERS, none_ok=True),
-                        help=f"peers to run beside ours ({', '.join(PEERS)}; '' for none)")  # fmt: skip
-    parser.add_argument("--steps", type=at_least(2), default=15, help="optimizer steps per run, warm-up included")
-    parser.add_argument("--warmup", type=at_least(1), default=3, help="steps not timed: the first one compiles")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
-                        help=f"a speed setting of ours ({', '.join(SPEED_SETTINGS)})")  # fmt: skip
-    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", type=train_arg,
-                        help="a training_args entry of ours, e.g. gradient_checkpointing=true")  # fmt: skip
-    parser.add_argument("--profile", type=at_least(0), default=0, metavar="STEPS",
-                        help="after the timed steps, this many more of ours under torch.profiler")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
+    parser = make_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
 
@@ -458,6 +441,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     overrides = dict(args.set)
     ours_args = {**GUIDE_ARGS, **dict(args.train_arg)}
     cases = make_cases(cfg.vocab_size, args.tiny, args.steps)
+    file = args.out / f"{'tiny-' if args.tiny else ''}{label}-train{variant_name(parser, args)}.json"
+    summary = {"gpu": gpu, "torch": torch.__version__, "command": command_line(__file__, argv), "settings": overrides,
+               "training_args": dict(args.train_arg),
+               "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
+               "cases": []}  # fmt: skip
     results = []
     for name in args.cases:
         rows, quantized, pack_to, context = cases[name]
@@ -465,20 +453,44 @@ def main(argv: list[str] | None = None) -> list[Result]:
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
                                quantized, pack_to, context, peak_flops, overrides, args.peers, args.tiny,
                                args.profile))  # fmt: skip
+        summary["cases"] = [asdict(r) for r in results]
+        write_results(file, summary)  # after each case: a run cut short keeps the cases it finished
     print_table(results, gpu)
-    varied = {**overrides, **dict(args.train_arg)}
-    variant = "".join(f"-{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items())
-    if args.cases != list(CASES):
-        variant = f"-{'-'.join(args.cases)}{variant}"
-    if args.profile:
-        variant += "-profiled"
-    file = args.out / f"{'tiny-' if args.tiny else ''}{label}-train{variant}.json"
-    summary = {"gpu": gpu, "torch": torch.__version__, "command": command_line(__file__, argv), "settings": overrides,
-               "training_args": dict(args.train_arg),
-               "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
-               "cases": [asdict(r) for r in results]}  # fmt: skip
-    write_results(file, summary)
     return results
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on any device: a smoke test, not a measurement")
+    parser.add_argument("--cases", default=",".join(CASES), type=names_of("case", CASES))
+    parser.add_argument("--peers", default=",".join(PEERS), type=names_of("peer", PEERS, none_ok=True),
+                        help=f"peers to run beside ours ({', '.join(PEERS)}; '' for none)")  # fmt: skip
+    parser.add_argument("--steps", type=at_least(2), default=15, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=at_least(1), default=3, help="steps not timed: the first one compiles")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
+                        help=f"a speed setting of ours ({', '.join(SPEED_SETTINGS)})")  # fmt: skip
+    parser.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE", type=train_arg,
+                        help="a training_args entry of ours, e.g. gradient_checkpointing=true")  # fmt: skip
+    parser.add_argument("--profile", type=at_least(0), default=0, metavar="STEPS",
+                        help="after the timed steps, this many more of ours under torch.profiler")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/olive-grove-bench"))
+    return parser
+
+
+def variant_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """What a run changed from the defaults, for its results file's name, so that it overwrites no other run's:
+    its cases, its peers (none adds nothing: the figures of ours and the baseline do not change), its step
+    counts, its settings, and whether it was profiled."""
+    parts = [] if args.cases == list(CASES) else list(args.cases)
+    if args.peers and args.peers != list(PEERS):
+        parts += ["peers", *args.peers]
+    counts = {key: getattr(args, key) for key in ("steps", "warmup")}
+    parts += [f"{key}-{value}" for key, value in counts.items() if value != parser.get_default(key)]
+    varied = {**dict(args.set), **dict(args.train_arg)}
+    parts += [f"{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items()]
+    parts += ["profiled"] * bool(args.profile)
+    return "".join(f"-{part}" for part in parts)
 
 
 def gpu_in_use() -> tuple[str, str, float]:

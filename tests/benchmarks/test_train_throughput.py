@@ -19,7 +19,7 @@ def test_tiny_benchmark_writes_its_table(tmp_path: Path, capsys):
                           "--profile", "1", "--out", str(tmp_path / "results"),
                           "--work", str(tmp_path / "work")])  # fmt: skip
     assert [r.name for r in results] == ["lora-2048", "lora-short"]
-    written = tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short-profiled.json"  # named by its cases
+    written = tmp_path / "results" / "tiny-cpu-train-lora-2048-lora-short-steps-3-warmup-1-profiled.json"
     data = json.loads(written.read_text())
     for case in data["cases"]:
         assert {"name", "ours_tok_s", "baseline_tok_s", "speedup", "mfu", "peak_gib", "baseline_peak_gib"} <= set(case)
@@ -48,6 +48,20 @@ def test_set_changes_only_our_speed_settings():
     assert bench.setting("cuda_graphs=false") == ("cuda_graphs", False)
     with pytest.raises(argparse.ArgumentTypeError, match="micro_batch_size"):
         bench.setting("r=8")  # the adapter stays the baseline's
+
+
+def test_results_file_names_what_the_run_changed():
+    bench = load_benchmark("train_throughput")
+    parser = bench.make_parser()
+
+    def name(*argv: str) -> str:
+        return bench.variant_name(parser, parser.parse_args(list(argv)))
+
+    assert name() == name("--peers=") == ""  # no peers: ours and the baseline measure the same
+    assert name("--peers=liger") != name("--peers=unsloth")
+    assert name("--cases", "lora-short", "--steps", "40", "--warmup", "10", "--set", "micro_batch_size=1") == (
+        "-lora-short-steps-40-warmup-10-micro_batch_size-1"
+    )
 
 
 @pytest.mark.parametrize(("name", "argv", "expected"), [
