@@ -326,21 +326,36 @@ def samples(rows: list[list[int]], pack_to: int | None) -> dict:
     return pack_rows([(r, [True] * len(r)) for r in rows], pack_to) if pack_to else unpacked(rows)
 
 
+PEER_RESULT = "peer result: "  # the line peer_run.py prints its JSON on; the Trainer prints dicts of its own
+PEER_TIMEOUT_S = 1800
+
+
 def run_peer(peer: str, case: str, model_dir: Path, train_args: dict, steps: int, warmup: int, out: Path,
              tiny: bool) -> dict:  # fmt: skip
     """One peer on a case, at our micro-batch (`train_args`), in a process of its own (`peer_run.py`): its
-    tokens/s and peak GiB, or why it could not run."""
+    tokens/s, peak GiB and version, or why it could not run."""
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU"}
-    script = Path(__file__).with_name("peer_run.py")
-    command = [sys.executable, str(script), peer, case, str(model_dir), json.dumps(train_args), str(steps), str(warmup),
-               str(out / f"{case}-{peer}"), *(["--tiny"] * tiny)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    command = [sys.executable, *peer_arguments(peer, case, model_dir, train_args, steps, warmup, out, tiny)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {PEER_TIMEOUT_S} s"}
+    lines = [line.removeprefix(PEER_RESULT) for line in done.stdout.splitlines() if line.startswith(PEER_RESULT)]
     if done.returncode or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit {done.returncode}: {last[:300]}"}
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"error": f"unreadable result: {lines[-1][:300]}"}
+
+
+def peer_arguments(peer: str, case: str, model_dir: Path, train_args: dict, steps: int, warmup: int, out: Path,
+                   tiny: bool) -> list[str]:  # fmt: skip
+    """peer_run.py's command line, after the interpreter."""
+    return [str(Path(__file__).with_name("peer_run.py")), peer, case, str(model_dir), json.dumps(train_args),
+            str(steps), str(warmup), str(out / f"{case}-{peer}"), *(["--tiny"] * tiny)]  # fmt: skip
 
 
 class IndentedReporter(Reporter):
@@ -447,16 +462,35 @@ def main(argv: list[str] | None = None) -> list[Result]:
                "env": {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH_", "TORCHINDUCTOR_"))},
                "cases": []}  # fmt: skip
     results = []
+    restore_phi3 = as_it_is_now("transformers.models.phi3.modeling_phi3")
     for name in args.cases:
+        restore_phi3()  # ours without compiled layers gets Liger's kernels, patched into the module for the process
         rows, quantized, pack_to, context = cases[name]
         print(f"{name} ...", flush=True)
         results.append(measure(name, model_dir, cfg, rows, GUIDE_ARGS, ours_args, args.steps, args.warmup, args.work,
                                quantized, pack_to, context, peak_flops, overrides, args.peers, args.tiny,
                                args.profile))  # fmt: skip
         summary["cases"] = [asdict(r) for r in results]
+        summary["complete"] = len(results) == len(args.cases)
         write_results(file, summary)  # after each case: a run cut short keeps the cases it finished
     print_table(results, gpu)
     return results
+
+
+def as_it_is_now(module_name: str):
+    """A function that puts a module's names back as they are now: what Liger Kernel replaces (Phi-3's
+    RMSNorm, rotary and MLP) for the whole process when the Trainer applies it to layers that are not
+    compiled, which would reach the next case's baseline."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    saved = dict(vars(module))
+
+    def restore() -> None:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+    return restore
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -479,18 +513,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def variant_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """What a run changed from the defaults, for its results file's name, so that it overwrites no other run's:
-    its cases, its peers (none adds nothing: the figures of ours and the baseline do not change), its step
-    counts, its settings, and whether it was profiled."""
+    """What a run changed from the defaults, for its results file's name, so that runs of other cases, peers,
+    step counts or settings keep files of their own (a run without peers writes `-peers-none`)."""
     parts = [] if args.cases == list(CASES) else list(args.cases)
-    if args.peers and args.peers != list(PEERS):
-        parts += ["peers", *args.peers]
+    if args.peers != list(PEERS):
+        parts += ["peers", *(args.peers or ["none"])]
     counts = {key: getattr(args, key) for key in ("steps", "warmup")}
     parts += [f"{key}-{value}" for key, value in counts.items() if value != parser.get_default(key)]
     varied = {**dict(args.set), **dict(args.train_arg)}
     parts += [f"{key}-{json.dumps(value)}".replace('"', "") for key, value in varied.items()]
     parts += ["profiled"] * bool(args.profile)
-    return "".join(f"-{part}" for part in parts)
+    return re.sub(r"[^\w.=+-]", "_", "".join(f"-{part}" for part in parts))
 
 
 def gpu_in_use() -> tuple[str, str, float]:
@@ -501,7 +534,10 @@ def gpu_in_use() -> tuple[str, str, float]:
 
 
 def write_results(file: Path, summary: dict) -> None:
-    file.write_text(json.dumps(summary, indent=2) + "\n")
+    """The JSON, whole or not at all: written beside the file, then moved over it."""
+    partial = file.with_name(f".{file.name}.partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(partial, file)
     print(f"wrote {file}")
 
 
@@ -520,7 +556,7 @@ def names_of(what: str, known: tuple[str, ...], none_ok: bool = False):
     """An argparse type: comma-separated names, each one of `known`; with `none_ok`, empty ones are left out."""
 
     def listed(text: str) -> list[str]:
-        names = [name for name in text.split(",") if name or not none_ok]
+        names = list(dict.fromkeys(name for name in text.split(",") if name or not none_ok))  # each once
         unknown = [name for name in names if name not in known]
         if unknown:
             raise argparse.ArgumentTypeError(f"no {what} {', '.join(map(repr, unknown))} (known: {', '.join(known)})")

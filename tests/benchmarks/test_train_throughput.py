@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from grove_helpers import load_benchmark
 
 
@@ -57,11 +58,35 @@ def test_results_file_names_what_the_run_changed():
     def name(*argv: str) -> str:
         return bench.variant_name(parser, parser.parse_args(list(argv)))
 
-    assert name() == name("--peers=") == ""  # no peers: ours and the baseline measure the same
-    assert name("--peers=liger") != name("--peers=unsloth")
+    assert name() == ""
+    assert len({name("--peers="), name("--peers=liger"), name("--peers=unsloth"), name()}) == 4
+    assert name("--peers=liger,liger") == name("--peers=liger")
+    assert name("--train-arg", "output_dir=/tmp/x y") == "-output_dir-_tmp_x_y"  # a file name, not a path
     assert name("--cases", "lora-short", "--steps", "40", "--warmup", "10", "--set", "micro_batch_size=1") == (
         "-lora-short-steps-40-warmup-10-micro_batch_size-1"
     )
+
+
+def test_a_peer_gets_the_command_line_it_parses():
+    bench, peer_run = load_benchmark("train_throughput"), load_benchmark("peer_run")
+    argv = bench.peer_arguments("unsloth", "qlora-2048", Path("/m"), {"per_device_train_batch_size": 4}, 15, 3,
+                                Path("/out"), tiny=True)  # fmt: skip
+    assert Path(argv[0]).name == "peer_run.py"
+    args = peer_run.make_parser().parse_args(argv[1:])
+    assert vars(args) == {"peer": "unsloth", "case": "qlora-2048", "model_dir": Path("/m"), "steps": 15, "warmup": 3,
+                          "training_args": {"per_device_train_batch_size": 4}, "out": Path("/out/qlora-2048-unsloth"),
+                          "tiny": True}  # fmt: skip
+
+
+def test_a_module_is_put_back_as_it_was(monkeypatch):
+    """What the benchmark does between cases, since Liger patches Phi-3's modeling module for the process."""
+    from transformers.models.phi3 import modeling_phi3
+
+    restore = load_benchmark("train_throughput").as_it_is_now(modeling_phi3.__name__)
+    original = modeling_phi3.Phi3RMSNorm
+    monkeypatch.setattr(modeling_phi3, "Phi3RMSNorm", torch.nn.LayerNorm)  # put back after the test in any case
+    restore()
+    assert modeling_phi3.Phi3RMSNorm is original
 
 
 @pytest.mark.parametrize(("name", "argv", "expected"), [
