@@ -579,7 +579,7 @@ def _once_per_kind(notes: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _user_errors(exc: ValidationError, normalised: Normalised) -> list[UserError]:
     errors, seen = [], set()
-    found = [(err, [p for p in err["loc"] if not _is_tag(p)]) for err in exc.errors()]
+    found = [(err, _key_path(err)) for err in exc.errors()]
     for err, loc in found:
         if err["type"].endswith("_type") and any(len(other) > len(loc) and other[: len(loc)] == loc
                                                  for _, other in found):  # fmt: skip
@@ -619,6 +619,14 @@ _UNION_TAGS = {
     "float",
     "bool",
 }
+
+
+def _key_path(err: dict[str, Any]) -> list[Any]:
+    """An error's location without pydantic's union tags. An unknown key is the user's own, even one that
+    looks like a tag (`data_configs[0]`)."""
+    loc = list(err["loc"])
+    unknown = loc[-1:] if err["type"] == "extra_forbidden" else []
+    return [p for p in loc[: len(loc) - len(unknown)] if not _is_tag(p)] + unknown
 
 
 def _is_tag(part: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,8 @@ def shown_text(text: str, limit: int) -> str:
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
-    """`a.b.c=value` sets a key of the normalised config (`data_configs.0.name` indexes a list).
+    """`a.b.c=value` sets a key of the normalised config (`data_configs.0.name` or `data_configs[0].name`, the
+    form errors name keys in, indexes a list).
 
     The value is read as YAML: 5, true and [a, b] keep their types.
     """
@@ -143,7 +145,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> None:
         if not sep or not key:
             raise UserError(f"--set {shown_text(item, 100)}", "expected KEY=VALUE",
                             "for example passes.lora.training_args.max_steps=5")  # fmt: skip
-        parts = key.split(".")
+        parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
         if not all(parts):
             raise UserError(where, "has an empty part between dots", "name each key: passes.lora.r=8")
         try:

@@ -235,6 +235,26 @@ def test_malformed_overrides(tmp_path: Path, tiny_phi3: Path, override: str, whe
     assert (exc.value.where, exc.value.problem) == (where, problem)
 
 
+def test_override_takes_the_index_form_errors_print(tmp_path: Path, tiny_phi3: Path):
+    """Errors name list entries `data_configs[0]`; --set takes that form as well as `data_configs.0`."""
+    cfg_path = write_project(tmp_path, tiny_run_config(tiny_phi3))
+    cfg, _ = load_run_config(cfg_path, ["data_configs[0].pre_process_data_config.max_seq_len=48"])
+    assert cfg.data_configs[0].pre_process_data_config.max_seq_len == 48
+
+
+def test_an_unknown_key_that_looks_like_an_index_is_named(tmp_path: Path, tiny_phi3: Path):
+    """A key with brackets in it, from --set or the file, is the user's key: named, never a traceback."""
+    cfg_path = write_project(tmp_path, tiny_run_config(tiny_phi3))
+    with pytest.raises(UserError) as exc:
+        load_run_config(cfg_path, ["passes[x].r=8"])
+    assert exc.value.line().startswith("passes[x]: unknown key (did you mean 'passes'?)")
+    raw = tiny_run_config(tiny_phi3)
+    raw["passes"]["lora"]["training[args]"] = {}
+    with pytest.raises(UserError) as exc:
+        load_run_config(write_project(tmp_path, raw))
+    assert exc.value.line().startswith("passes.lora.training[args]: unknown key")
+
+
 def test_override_below_a_value_is_an_error_naming_it(tmp_path: Path, tiny_phi3: Path):
     cfg_path = write_project(tmp_path, tiny_run_config(tiny_phi3))
     with pytest.raises(UserError) as exc:
